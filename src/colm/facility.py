@@ -1,0 +1,342 @@
+"""Facility-location medoids: distances, exact greedy, cluster weights.
+
+CoLM picks each big source's share of the coreset by greedily maximising the
+facility-location function
+
+    F(S) = sum_i max_{s in S} sim[i, s],   max over the empty set = 0,
+
+with ``sim = C - distance`` and ``C`` the largest pairwise distance, so every
+similarity is ``>= 0`` and ``F`` is monotone submodular: the greedy set is
+within ``1 - 1/e`` of the best set of the same size.
+
+The greedy here is the plain, exact one (no lazy or stochastic variant): with
+``N`` around a hundred points per source, evaluating every candidate at every
+step is a handful of vectorised ``[N, N]`` tensor ops and costs less than the
+bookkeeping of a lazy heap. Everything stays on the input's device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["METRICS", "FacilityLocationResult", "facility_location", "pairwise_distances"]
+
+Metric = Literal["l1", "l2", "cosine"]
+METRICS: tuple[str, ...] = ("l1", "l2", "cosine")
+
+
+@dataclass(frozen=True)
+class FacilityLocationResult:
+    """Outcome of :func:`facility_location`.
+
+    Attributes:
+        indices: ``[k]`` long tensor, the chosen points in greedy order.
+        gains: ``[k]`` float tensor, the marginal gain of each pick (non-increasing).
+        weights: ``[k]`` long tensor, how many of the ``N`` points are closest
+            (by similarity; ties to the earliest pick) to each pick. Sums to ``N``.
+        objective: ``F`` of the chosen set, as a Python float.
+    """
+
+    indices: Tensor
+    gains: Tensor
+    weights: Tensor
+    objective: float
+
+
+def _describe_rows(rows: list[int], what: str) -> str:
+    shown = ", ".join(str(r) for r in rows[:10])
+    more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
+    if len(rows) == 1:
+        return f"{what} row {shown} contains NaN or inf"
+    return f"{what} rows {shown}{more} contain NaN or inf"
+
+
+def _check_finite(t: Tensor, what: str) -> None:
+    """Raise a ValueError naming the rows of ``t`` that hold NaN or inf."""
+    # Fast path: NaN and inf propagate through a sum, so a finite sum proves
+    # every entry finite (20x cheaper than isfinite(t).all() at 128 x 2560).
+    # A non-finite sum may also be a harmless overflow, hence the exact check.
+    if bool(torch.isfinite(t.sum())):
+        return
+    rows = (~torch.isfinite(t)).any(dim=1).nonzero().flatten().tolist()
+    if not rows:
+        return
+    raise ValueError(
+        f"{_describe_rows(rows, what)}; check the feature estimator for a diverged loss "
+        f"(or drop those examples) before selecting"
+    )
+
+
+def _check_features(features: object) -> Tensor:
+    if not isinstance(features, Tensor):
+        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
+    if features.dim() != 2:
+        raise ValueError(
+            f"features must be 2-D [num_points, dim], got shape {tuple(features.shape)}; "
+            f"flatten each example's feature into one row"
+        )
+    if not features.is_floating_point():
+        raise ValueError(
+            f"features must be a floating-point tensor, got {features.dtype}; "
+            f"convert with features.float()"
+        )
+    _check_finite(features, "features")
+    return features
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half-precision sums over thousands of coordinates lose most digits and
+    # create spurious ties; distances and gains are computed in float32 instead.
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _pdist_square(x: Tensor, p: float) -> Tensor:
+    """``[N, N]`` matrix of ``||x_i - x_j||_p`` from ``torch.nn.functional.pdist``.
+
+    pdist sums exact coordinate differences (no ``|a|^2 + |b|^2 - 2ab`` matmul
+    trick), so identical rows are exactly 0 apart; it computes each pair once,
+    so the matrix is exactly symmetric. Measured on a 2-core CPU at N=128,
+    d=2560 (float32), L1: pdist 1.9 ms, cdist(p=1) 48 ms, blocked broadcast
+    abs-diff 6-9 ms.
+    """
+    n = x.shape[0]
+    out = x.new_zeros(n, n)
+    if n < 2:
+        return out
+    condensed = F.pdist(x.contiguous(), p=p)  # upper triangle in row-major order
+    upper = torch.ones(n, n, dtype=torch.bool, device=x.device).triu_(1)
+    out.masked_scatter_(upper, condensed)  # fills in row-major order too
+    return out + out.T  # exact: each entry adds a zero
+
+
+def pairwise_distances(features: Tensor, metric: Metric = "l1") -> Tensor:
+    """Pairwise distances between the rows of ``features``.
+
+    Args:
+        features: ``[N, d]`` floating-point tensor; every entry must be finite.
+        metric: ``"l1"`` (sum of absolute differences, the paper's choice),
+            ``"l2"`` (Euclidean) or ``"cosine"`` (``1 - cos``; a zero row has
+            cosine 0 with every other row, so distance 1, and distance 0 to
+            itself and to other zero rows).
+
+    Returns:
+        ``[N, N]`` symmetric tensor with a zero diagonal, on the input's device,
+        in the input's dtype (float32 for float16/bfloat16 inputs).
+
+    Raises:
+        ValueError: a bad metric, shape or dtype, rows with NaN or inf, or
+            features so large that the distances overflow.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {list(METRICS)}")
+    x = _check_features(features)
+    x = x.to(_compute_dtype(x.dtype))
+    if metric == "l1":
+        dist = _pdist_square(x, 1.0)
+    elif metric == "l2":
+        dist = _pdist_square(x, 2.0)
+    else:
+        dist = _cosine_distances(x)
+    # Finite features can still overflow (e.g. |x| ~ 1e38 in float32), and an
+    # inf distance would turn every similarity into NaN downstream.
+    if not bool(torch.isfinite(dist).all()):
+        raise _overflow_error(metric, x)
+    return dist
+
+
+def _overflow_error(metric: str, x: Tensor) -> ValueError:
+    return ValueError(
+        f"{metric} distances overflow {x.dtype}: the features are too large "
+        f"(max |x| = {float(x.abs().max()):.3g}); rescale them or pass float64"
+    )
+
+
+def _cosine_distances(x: Tensor) -> Tensor:
+    # For unit vectors 1 - cos(u, v) = |u - v|^2 / 2, and the difference form
+    # gives exact zeros for identical rows, unlike 1 - u @ v.
+    norms = torch.linalg.vector_norm(x, dim=1)
+    if not bool(torch.isfinite(norms).all()):
+        raise _overflow_error("cosine", x)
+    zero = norms == 0
+    unit = x / torch.where(zero, torch.ones_like(norms), norms)[:, None]
+    dist = _pdist_square(unit, 2.0).square_().mul_(0.5).clamp_(max=2.0)
+    # A zero row is orthogonal to everything else but identical to other zeros.
+    dist = torch.where(zero[:, None] | zero[None, :], torch.ones_like(dist), dist)
+    dist = dist.masked_fill_(zero[:, None] & zero[None, :], 0.0)
+    return dist.fill_diagonal_(0.0)
+
+
+def _check_similarity(similarity: object) -> Tensor:
+    if not isinstance(similarity, Tensor):
+        raise TypeError(f"similarity must be a torch.Tensor, got {type(similarity).__name__}")
+    if similarity.dim() != 2 or similarity.shape[0] != similarity.shape[1]:
+        raise ValueError(
+            f"similarity must be a square [N, N] matrix, got shape {tuple(similarity.shape)}"
+        )
+    if not similarity.is_floating_point():
+        raise ValueError(
+            f"similarity must be a floating-point tensor, got {similarity.dtype}; "
+            f"convert with similarity.float()"
+        )
+    _check_finite(similarity, "similarity")
+    if similarity.numel() and bool((similarity < 0).any()):
+        raise ValueError(
+            "similarity has negative entries; facility location needs sim >= 0 "
+            "(shift it, e.g. similarity - similarity.min())"
+        )
+    return similarity
+
+
+def _greedy(sim: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact greedy on ``sim`` [N, N] for ``0 < k <= N``; returns (indices, gains, best).
+
+    ``best[i]`` is the final max similarity of point ``i`` to the chosen set.
+    """
+    # Row j of cand is candidate j's similarity to every point; reducing along
+    # the contiguous last dim is the fast direction on CPU.
+    cand = sim.T.contiguous()
+    if sim.device.type == "cpu":
+        return _greedy_cpu(cand, k)
+    return _greedy_device(cand, k)
+
+
+def _greedy_cpu(cand: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    # At N ~ 128 every step is a few microsecond-sized ops, so the loop is
+    # dominated by per-op overhead: keep it to five tensor ops and Python
+    # scalars (host syncs are free on CPU).
+    n = cand.shape[0]
+    best = cand.new_zeros(n)  # max similarity of each point to the chosen set
+    buf = torch.empty_like(cand)
+    gains = cand.new_empty(n)
+    picks: list[int] = []
+    values: list[float] = []
+    for _ in range(k):
+        torch.sub(cand, best, out=buf)
+        buf.relu_()  # = clamp(min=0), and measurably cheaper per call
+        torch.sum(buf, dim=1, out=gains)
+        # max returns the first maximum: ties go to the lowest index.
+        top, j = torch.max(gains, dim=0)
+        if top.item() <= 0:
+            break
+        # A chosen point has gain exactly 0 (best >= its column), so a positive
+        # maximum is never a chosen point and no mask is needed.
+        picks.append(int(j))
+        values.append(top.item())
+        torch.maximum(best, cand[picks[-1]], out=best)
+    if len(picks) < k:
+        # Every remaining gain is 0 and stays 0 (a zero-gain pick leaves best
+        # unchanged), so the rest go in ascending index order, as ties do.
+        taken = set(picks)
+        rest = [i for i in range(n) if i not in taken][: k - len(picks)]
+        picks += rest
+        values += [0.0] * len(rest)
+    indices = torch.tensor(picks, dtype=torch.long)
+    return indices, torch.tensor(values, dtype=cand.dtype), best
+
+
+def _greedy_device(cand: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    # Same greedy, written without host syncs so that an accelerator can queue
+    # the whole loop: tensor indices, and a mask for the chosen points (which,
+    # with gain 0, could otherwise win a tie against unchosen zero-gain points).
+    n = cand.shape[0]
+    device = cand.device
+    best = cand.new_zeros(n)
+    chosen = torch.zeros(n, dtype=torch.bool, device=device)
+    buf = torch.empty_like(cand)
+    gains = cand.new_empty(n)
+    indices = torch.empty(k, dtype=torch.long, device=device)
+    picked = cand.new_empty(k)
+    for t in range(k):
+        torch.sub(cand, best, out=buf)
+        buf.relu_()
+        torch.sum(buf, dim=1, out=gains)
+        gains.masked_fill_(chosen, float("-inf"))
+        top, j = torch.max(gains, dim=0, keepdim=True)  # first maximum
+        indices[t : t + 1] = j
+        picked[t : t + 1] = top
+        chosen.index_fill_(0, j, True)
+        torch.maximum(best, cand.index_select(0, j)[0], out=best)
+    return indices, picked, best
+
+
+def facility_location(
+    features: Tensor | None,
+    k: int,
+    metric: Metric = "l1",
+    *,
+    similarity: Tensor | None = None,
+) -> FacilityLocationResult:
+    """Choose ``k`` medoids of ``features`` by exact greedy facility location.
+
+    Args:
+        features: ``[N, d]`` floating-point tensor, one row per point; every
+            entry must be finite. Pass ``None`` when giving ``similarity``.
+        k: number of points to choose, ``>= 0``; ``k >= N`` returns all ``N``
+            points in greedy order.
+        metric: distance for ``features``: ``"l1"`` (default, as in the paper),
+            ``"l2"`` or ``"cosine"``; see :func:`pairwise_distances`. Ignored
+            when ``similarity`` is given.
+        similarity: a precomputed ``[N, N]`` similarity matrix with finite,
+            non-negative entries, used instead of ``features``;
+            ``similarity[i, s]`` is how well pick ``s`` represents point ``i``.
+
+    Returns:
+        A :class:`FacilityLocationResult`. ``indices``/``weights`` are long
+        tensors and ``gains`` a float tensor, all on the input's device; gains
+        have the input's dtype.
+
+    Raises:
+        ValueError: bad shapes, dtypes, metric, ``k < 0``, NaN/inf rows (named
+            in the message), negative similarities, or both/neither of
+            ``features`` and ``similarity`` given.
+    """
+    if (features is None) == (similarity is None):
+        raise ValueError(
+            "pass exactly one of features (an [N, d] tensor) and similarity= "
+            "(a precomputed [N, N] matrix)"
+        )
+    if metric not in METRICS:  # checked even when unused, to catch typos
+        raise ValueError(f"unknown metric {metric!r}; choose one of {list(METRICS)}")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {k!r} ({type(k).__name__})")
+    if k < 0:
+        raise ValueError(f"k must be >= 0 (number of points to choose), got {k}")
+
+    if similarity is not None:
+        out_dtype = _check_similarity(similarity).dtype
+        sim = similarity.to(_compute_dtype(out_dtype))
+    else:
+        dist = pairwise_distances(features, metric)  # validates features
+        out_dtype = features.dtype
+        c = dist.max() if dist.numel() else dist.new_zeros(())
+        # sim = C - dist >= 0; C is a 0-d tensor so nothing syncs on GPU.
+        sim = torch.sub(c, dist)
+
+    n = sim.shape[0]
+    k = min(k, n)
+    device = sim.device
+    if k == 0:
+        empty_long = torch.empty(0, dtype=torch.long, device=device)
+        return FacilityLocationResult(
+            indices=empty_long,
+            gains=torch.empty(0, dtype=out_dtype, device=device),
+            weights=empty_long.clone(),
+            objective=0.0,
+        )
+
+    indices, gains, best = _greedy(sim, k)
+    # Cluster sizes: each point joins its most similar pick; argmax returns the
+    # first maximum, so ties go to the earliest pick in greedy order.
+    nearest = torch.argmax(sim.index_select(1, indices), dim=1)
+    weights = torch.bincount(nearest, minlength=k)
+    return FacilityLocationResult(
+        indices=indices,
+        gains=gains.to(out_dtype),
+        weights=weights,
+        objective=float(best.sum()),
+    )

@@ -1,0 +1,129 @@
+"""Shared fixtures: tiny causal LMs built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+VOCAB = 97
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(cfg), ["q_proj", "v_proj"], "v_proj"
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(cfg), ["c_attn"], "c_attn"
+
+
+def _phi3():
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    cfg = Phi3Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return Phi3ForCausalLM(cfg), ["qkv_proj"], "qkv_proj"
+
+
+def _neox():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    cfg = GPTNeoXConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    )
+    return GPTNeoXForCausalLM(cfg), ["query_key_value"], "query_key_value"
+
+
+TINY_MODELS = {"llama": _llama, "gpt2": _gpt2, "phi3": _phi3, "neox": _neox}
+
+
+def make_tiny(arch: str, lora: bool = False, seed: int = 0, lora_r: int = 4, targets=None):
+    """A tiny model of ``arch`` in eval mode (dropout off), optionally with LoRA.
+
+    LoRA B is randomised (PEFT initialises it to zero, which would make every
+    LoRA-B gradient feature trivially related to the base model)."""
+    torch.manual_seed(seed)
+    model, lora_targets, _ = TINY_MODELS[arch]()
+    model.config.use_cache = False
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(
+            r=lora_r,
+            lora_alpha=2 * lora_r,
+            lora_dropout=0.1,
+            target_modules=targets or lora_targets,
+            fan_in_fan_out=(arch == "gpt2"),
+        )
+        model = get_peft_model(model, cfg)
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    model.eval()
+    return model
+
+
+def make_batch(n=6, max_len=12, seed=0, padding_side="right", sources=None, min_len=4):
+    """A padded batch of random token sequences with prompt tokens masked out."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, max_len + 1, (n,), generator=g)
+    T = int(lengths.max())
+    ids = torch.zeros(n, T, dtype=torch.long)
+    mask = torch.zeros(n, T, dtype=torch.long)
+    labels = torch.full((n, T), -100, dtype=torch.long)
+    for i, L in enumerate(lengths.tolist()):
+        seq = torch.randint(3, VOCAB, (L,), generator=g)
+        prompt = int(torch.randint(1, L - 1, (1,), generator=g))
+        sl = slice(0, L) if padding_side == "right" else slice(T - L, T)
+        ids[i, sl] = seq
+        mask[i, sl] = 1
+        lab = seq.clone()
+        lab[:prompt] = -100
+        labels[i, sl] = lab
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if sources is not None:
+        batch["source"] = list(sources)
+    return batch
+
+
+@pytest.fixture(params=sorted(TINY_MODELS))
+def arch(request):
+    return request.param
