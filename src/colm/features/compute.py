@@ -1,0 +1,103 @@
+"""Per-example gradient features of the last block's value projection.
+
+:class:`GradientFeatures` ties the pieces together for one model: it locates
+the block, then, chunk by chunk, captures the last block's inputs with one
+no-grad pass of the trunk and computes either zeroth-order estimates (``zo``)
+or exact gradients (``exact``) by replaying last block + head only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .exact import exact_gradients
+from .locate import ValueBlock, find_value_block
+from .replay import IGNORE_INDEX, LastBlockReplay, check_replay
+from .zeroth_order import lift, zo_coefficients
+
+FEATURE_KINDS = ("zo", "exact")
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+def _trim(input_ids, attention_mask, labels):
+    """Drop trailing columns that are padding in every row of the chunk: in a
+    causal LM later positions never affect earlier ones, so losses are unchanged."""
+    used = labels != IGNORE_INDEX
+    if attention_mask is not None:
+        used = used | attention_mask.bool()
+    cols = used.any(0).nonzero()
+    end = int(cols.max()) + 1 if cols.numel() else 1
+    am = attention_mask[:, :end] if attention_mask is not None else None
+    return input_ids[:, :end], am, labels[:, :end]
+
+
+class GradientFeatures:
+    """Computes gradient features of ``model``'s last value block.
+
+    Args:
+        model: a causal LM (plain, PEFT, or wrapped by DDP/accelerate).
+        chunk_size: examples per trunk pass and replay; bounds selection memory.
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int = 16):
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.model = model
+        self.block: ValueBlock = find_value_block(model)
+        self.replay = LastBlockReplay(model, self.block)
+        self.chunk_size = chunk_size
+
+    @property
+    def numel(self) -> int:
+        return self.block.numel
+
+    def check(self, input_ids, attention_mask, labels) -> float:
+        """Verify that the replay reproduces the full model's losses (see check_replay)."""
+        n = min(4, input_ids.shape[0])
+        return check_replay(self.replay, *_trim(input_ids[:n], _row(attention_mask, n), labels[:n]))
+
+    def compute(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor,
+        kind: str = "zo",
+        directions: torch.Tensor | None = None,
+        eps: float = 1e-3,
+    ) -> torch.Tensor:
+        """Features [n, D] (float32, on the model's device), one row per example.
+
+        ``directions`` [q, D] are required for ``zo``. Rows with a non-finite
+        loss come out non-finite; the caller decides what to do with them.
+        """
+        if kind not in FEATURE_KINDS:
+            raise ValueError(f"feature kind must be one of {FEATURE_KINDS}, got {kind!r}")
+        if kind == "zo" and (directions is None or directions.shape[1] != self.numel):
+            raise ValueError(f"zo features need directions of shape [q, {self.numel}]")
+        device = self.block.parameter.device
+        parts = []
+        for sl in _chunks(input_ids.shape[0], self.chunk_size):
+            ids, am, lab = _trim(
+                input_ids[sl].to(device),
+                attention_mask[sl].to(device) if attention_mask is not None else None,
+                labels[sl].to(device),
+            )
+            captured = self.replay.capture(ids, am)
+            if kind == "zo":
+                coef = zo_coefficients(self.replay, captured, lab, directions, eps)
+                parts.append(lift(coef, directions))
+            else:
+                parts.append(exact_gradients(self.replay, captured, lab)[0])
+            del captured
+        return torch.cat(parts) if parts else torch.zeros(0, self.numel, device=device)
+
+
+def _row(t, n):
+    return None if t is None else t[:n]

@@ -1,0 +1,349 @@
+"""The coreset selector: source batch -> features -> budgets -> medoids.
+
+One call of :meth:`CoresetSelector.select` makes one step of CoLM
+(see METHOD.md): keep every example of the small sources, split the remaining
+budget across the big sources in proportion to their share of the batch,
+compute Adam-normalised, sparsified gradient features of the last block's
+value projection for the big-source examples, and pick each big source's
+medoids by greedy facility location.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .facility import facility_location
+from .features import AdamNormalizer, GradientFeatures, draw_directions, top_dims
+from .sources import allocate_budget, find_small_sources
+
+METHODS = ("colm", "random")
+FEATURES = ("zo", "exact")
+METRICS = ("l1", "l2", "cosine")
+WEIGHTS = ("uniform", "cluster")
+
+
+@dataclass
+class SelectorConfig:
+    """Configuration of :class:`CoresetSelector` (defaults follow the paper).
+
+    Attributes:
+        ratio: coreset size = round(ratio x source batch size), in (0, 1].
+        size: fixed coreset size; overrides ``ratio`` when set.
+        method: ``"colm"`` (the method) or ``"random"`` (uniform random subset
+            of the same size: the baseline).
+        small_sources: which sources are kept whole: ``"below_mean"`` (count
+            below the mean source size), a number c (count < total / c), or an
+            explicit list of names (``[]`` keeps none).
+        feature: ``"zo"`` (zeroth-order estimate, the paper's) or ``"exact"``
+            (exact gradient through the last block).
+        num_directions: random directions per step for ``zo``.
+        eps: finite-difference step for ``zo``.
+        adam: normalise features with the selector's Adam moments.
+        topk_dims: h, the coordinates kept per source (largest |mean|).
+        metric: distance for facility location: ``"l1"``, ``"l2"``, ``"cosine"``.
+        weights: ``"uniform"`` or ``"cluster"`` (medoid weight = cluster size).
+        per_source: pick medoids per big source (paper) or jointly (ablation).
+        seed: seeds the selector's own ``torch.Generator``.
+        chunk_size: examples per replay chunk (default: the coreset size, so
+            selection never holds more activations than the training step).
+        check_replay: on the first step, verify that the replayed last block
+            reproduces the full model's per-example losses.
+    """
+
+    ratio: float = 0.5
+    size: int | None = None
+    method: str = "colm"
+    small_sources: str | float | Sequence[str] = "below_mean"
+    feature: str = "zo"
+    num_directions: int = 1
+    eps: float = 1e-3
+    adam: bool = True
+    topk_dims: int = 2560
+    metric: str = "l1"
+    weights: str = "uniform"
+    per_source: bool = True
+    seed: int = 0
+    chunk_size: int | None = None
+    check_replay: bool = True
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+
+    def __post_init__(self):
+        def bad(key, value, valid):
+            raise ValueError(f"SelectorConfig.{key}={value!r} is invalid; expected {valid}")
+
+        if isinstance(self.ratio, bool) or not (0 < float(self.ratio) <= 1):
+            bad("ratio", self.ratio, "a number in (0, 1]")
+        if self.size is not None and (not isinstance(self.size, int) or self.size < 1):
+            bad("size", self.size, "a positive integer or None")
+        for key, valid in (
+            ("method", METHODS),
+            ("feature", FEATURES),
+            ("metric", METRICS),
+            ("weights", WEIGHTS),
+        ):
+            if getattr(self, key) not in valid:
+                bad(key, getattr(self, key), f"one of {valid}")
+        if not isinstance(self.num_directions, int) or self.num_directions < 1:
+            bad("num_directions", self.num_directions, "an integer >= 1")
+        if not (isinstance(self.eps, (int, float)) and self.eps > 0):
+            bad("eps", self.eps, "a number > 0")
+        if not isinstance(self.topk_dims, int) or self.topk_dims < 1:
+            bad("topk_dims", self.topk_dims, "an integer >= 1")
+        if self.chunk_size is not None and (
+            not isinstance(self.chunk_size, int) or self.chunk_size < 1
+        ):
+            bad("chunk_size", self.chunk_size, "a positive integer or None")
+        b1, b2 = self.adam_betas
+        if not (0 <= b1 < 1 and 0 <= b2 < 1):
+            bad("adam_betas", self.adam_betas, "two numbers in [0, 1)")
+        sm = self.small_sources
+        if isinstance(sm, str) and sm != "below_mean":
+            bad("small_sources", sm, "'below_mean', a number c > 0, or a list of source names")
+
+    def coreset_size(self, batch_size: int) -> int:
+        """Coreset size for a source batch of ``batch_size`` examples."""
+        if self.size is not None:
+            if self.size > batch_size:
+                raise ValueError(
+                    f"SelectorConfig.size={self.size} is larger than the source batch "
+                    f"({batch_size} examples); lower size or raise the source batch size"
+                )
+            return self.size
+        return max(1, min(batch_size, math.floor(self.ratio * batch_size + 0.5)))
+
+
+@dataclass
+class Selection:
+    """The result of one selection step.
+
+    Attributes:
+        indices: LongTensor of positions in the source batch, ascending.
+        weights: float tensor, one per selected example (all 1 for uniform
+            weights; cluster sizes for medoids with ``weights="cluster"``).
+            Train with ``(weights * per_example_loss).sum() / weights.sum()``.
+        stats: per-source counts (``in_batch``, ``kept``, ``selected``) and
+            timings (``time_features``, ``time_selection`` in seconds).
+    """
+
+    indices: torch.Tensor
+    weights: torch.Tensor
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def flat_stats(self, prefix: str = "colm/") -> dict[str, float]:
+        """Stats as a flat dict of numbers, for trainer logging."""
+        out: dict[str, float] = {}
+        for key, value in self.stats.items():
+            if key == "sources":
+                for src, counts in value.items():
+                    for k, v in counts.items():
+                        out[f"{prefix}{src}/{k}"] = v
+            elif isinstance(value, (int, float)):
+                out[f"{prefix}{key}"] = value
+        return out
+
+
+def _batch_sources(batch: Mapping[str, Any]) -> list[str]:
+    if "source" not in batch:
+        raise KeyError(
+            "the batch has no 'source' entry; CoresetSelector.select needs one source name "
+            "per example (batch['source'] = [...]); keep the source column through your collator"
+        )
+    src = batch["source"]
+    if isinstance(src, torch.Tensor):
+        raise TypeError("batch['source'] must be a list of source names (str), not a tensor")
+    return [str(s) for s in src]
+
+
+class CoresetSelector:
+    """Picks a coreset of each source batch (CoLM).
+
+    Args:
+        config: a :class:`SelectorConfig`.
+        source_counts: number of examples of each source in the whole training
+            set (decides which sources are small).
+
+    >>> selector = CoresetSelector(SelectorConfig(ratio=0.5), {"gsm": 9000, "gcd": 120})
+    >>> sel = selector.select(model, batch)        # doctest: +SKIP
+    >>> coreset = {k: v[sel.indices] for k, v in batch.items() if k != "source"}  # doctest: +SKIP
+    """
+
+    def __init__(self, config: SelectorConfig, source_counts: Mapping[str, int]):
+        self.config = config
+        self.source_counts = dict(source_counts)
+        rule = config.small_sources
+        self.small_sources = find_small_sources(
+            self.source_counts, rule if isinstance(rule, (str, int, float)) else list(rule)
+        )
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.normalizer = AdamNormalizer(*config.adam_betas, eps=config.adam_eps)
+        self.step = 0
+        self._features: GradientFeatures | None = None
+        self._checked: set[int] = set()
+        self._warned_nonfinite = False
+
+    # -- public --------------------------------------------------------------
+    def select(self, model: nn.Module, batch: Mapping[str, Any]) -> Selection:
+        """Choose the coreset of ``batch`` (keys ``input_ids``, ``attention_mask``,
+        ``labels``, ``source``). The model is put in eval mode during selection
+        and restored afterwards; its parameters are never modified."""
+        sources = _batch_sources(batch)
+        n = len(sources)
+        if n == 0:
+            raise ValueError("cannot select from an empty batch")
+        unknown = sorted(set(sources) - set(self.source_counts))
+        if unknown:
+            raise ValueError(
+                f"batch has sources {unknown} that are not in source_counts "
+                f"({sorted(self.source_counts)}); pass the counts of every source in the data"
+            )
+        b = self.config.coreset_size(n)
+        stats: dict[str, Any] = {
+            "step": self.step,
+            "source_batch": n,
+            "coreset": b,
+            "small_overflow": 0,
+            "nonfinite": 0,
+            "time_features": 0.0,
+            "time_selection": 0.0,
+        }
+        t0 = time.perf_counter()
+        if self.config.method == "random":
+            picked = torch.randperm(n, generator=self.generator)[:b]
+            weight_of = {int(i): 1.0 for i in picked}
+        else:
+            weight_of = self._select_colm(model, batch, sources, b, stats)
+        total = time.perf_counter() - t0
+        stats["time_selection"] = total - stats["time_features"]
+
+        indices = torch.tensor(sorted(weight_of), dtype=torch.long)
+        weights = torch.tensor([weight_of[int(i)] for i in indices], dtype=torch.float32)
+        per_source: dict[str, dict[str, int]] = {}
+        for s in sorted(set(sources)):
+            per_source[s] = {"in_batch": 0, "kept": 0, "selected": 0}
+        for s in sources:
+            per_source[s]["in_batch"] += 1
+        for i in indices.tolist():
+            per_source[sources[i]]["selected"] += 1
+            if sources[i] in self.small_sources:
+                per_source[sources[i]]["kept"] += 1
+        stats["sources"] = per_source
+        self.step += 1
+        return Selection(indices=indices, weights=weights, stats=stats)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue identically: step, generator, moments."""
+        return {
+            "step": self.step,
+            "generator": self.generator.get_state(),
+            "adam": self.normalizer.state_dict(),
+            "config": asdict(self.config),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.generator.set_state(state["generator"])
+        self.normalizer.load_state_dict(state["adam"])
+
+    # -- the method ----------------------------------------------------------
+    def _features_for(self, model: nn.Module, b: int) -> GradientFeatures:
+        chunk = self.config.chunk_size or b
+        if self._features is None or self._features.model is not model:
+            self._features = GradientFeatures(model, chunk_size=chunk)
+        self._features.chunk_size = chunk
+        return self._features
+
+    def _select_colm(self, model, batch, sources, b, stats) -> dict[int, float]:
+        cfg = self.config
+        small_idx = [i for i, s in enumerate(sources) if s in self.small_sources]
+        if len(small_idx) > b:
+            # the paper is silent: keep a uniformly random b of them, and say so
+            stats["small_overflow"] = len(small_idx) - b
+            pick = torch.randperm(len(small_idx), generator=self.generator)[:b]
+            small_idx = sorted(small_idx[int(j)] for j in pick)
+        weight_of = {i: 1.0 for i in small_idx}
+
+        groups: dict[str, list[int]] = {}
+        for i, s in enumerate(sources):
+            if s not in self.small_sources:
+                groups.setdefault(s, []).append(i)
+        budget = allocate_budget({s: len(ix) for s, ix in groups.items()}, b - len(small_idx))
+
+        # sources whose budget covers all their examples need no features
+        need = {s: ix for s, ix in groups.items() if 0 < budget[s] < len(ix)}
+        for s, ix in groups.items():
+            if budget[s] == len(ix):
+                weight_of.update({i: 1.0 for i in ix})
+        if not need:
+            return weight_of
+        if not cfg.per_source:
+            need = {"*": sorted(i for ix in need.values() for i in ix)}
+            budget = {"*": sum(budget[s] for s in groups if 0 < budget[s] < len(groups[s]))}
+
+        rows = [i for ix in need.values() for i in ix]
+        t0 = time.perf_counter()
+        g = self._compute_features(model, batch, rows, b)
+        stats["time_features"] = time.perf_counter() - t0
+
+        finite = torch.isfinite(g).all(1)
+        if not bool(finite.all()):
+            stats["nonfinite"] = int((~finite).sum())
+            if not self._warned_nonfinite:
+                warnings.warn(
+                    "some examples have a non-finite loss in selection; they are excluded "
+                    "(counted in stats['nonfinite'])",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self._warned_nonfinite = True
+        f = self.normalizer.normalize(g) if cfg.adam else g
+        f = torch.where(finite[:, None], f, torch.zeros_like(f))
+
+        pos = {i: r for r, i in enumerate(rows)}
+        chosen_rows: list[int] = []
+        for s, ix in need.items():
+            r = torch.tensor([pos[i] for i in ix if bool(finite[pos[i]])], dtype=torch.long)
+            k = min(budget[s], r.numel())
+            if k == 0:
+                continue
+            fs = f[r.to(f.device)]
+            fs = fs[:, top_dims(fs, cfg.topk_dims)]
+            fl = facility_location(fs, k, metric=cfg.metric)
+            for j, w in zip(fl.indices.tolist(), fl.weights.tolist()):
+                row = int(r[j])
+                chosen_rows.append(row)
+                weight_of[rows[row]] = float(w) if cfg.weights == "cluster" else 1.0
+        if cfg.adam and chosen_rows:
+            self.normalizer.update(g[torch.tensor(chosen_rows, device=g.device)])
+        return weight_of
+
+    def _compute_features(self, model, batch, rows: list[int], b: int) -> torch.Tensor:
+        cfg = self.config
+        feats = self._features_for(model, b)
+        idx = torch.tensor(rows, dtype=torch.long)
+        ids = batch["input_ids"][idx]
+        am = batch.get("attention_mask")
+        am = am[idx] if am is not None else None
+        labels = batch.get("labels")
+        labels = labels[idx] if labels is not None else ids.masked_fill(am == 0, -100)
+        directions = None
+        if cfg.feature == "zo":
+            directions = draw_directions(cfg.num_directions, feats.numel, self.generator)
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            if cfg.check_replay and id(model) not in self._checked:
+                feats.check(ids, am, labels)
+                self._checked.add(id(model))
+            return feats.compute(ids, am, labels, cfg.feature, directions, cfg.eps)
+        finally:
+            for m, mode in modes:
+                m.training = mode
