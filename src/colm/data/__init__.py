@@ -1,0 +1,36 @@
+"""Data layer: the demo mixture, user data loading, tokenization, answer grading."""
+
+from colm.data.answers import extract_answer, gold_entry, score, score_answer
+from colm.data.loading import (
+    CoLMCollator,
+    TokenizationReport,
+    load_records,
+    source_counts,
+    tokenize_records,
+)
+from colm.data.mixture import (
+    ANSWER_PREFIX,
+    Mixture,
+    MixtureSpec,
+    SourceSpec,
+    build_default_mixture,
+    format_completion,
+)
+
+__all__ = [
+    "ANSWER_PREFIX",
+    "CoLMCollator",
+    "Mixture",
+    "MixtureSpec",
+    "SourceSpec",
+    "TokenizationReport",
+    "build_default_mixture",
+    "extract_answer",
+    "format_completion",
+    "gold_entry",
+    "load_records",
+    "score",
+    "score_answer",
+    "source_counts",
+    "tokenize_records",
+]
