@@ -1,0 +1,172 @@
+"""Cost of gradient features on the real SmolLM2-135M + LoRA, side by side.
+
+Times, in one run and as medians over repeats, one no-grad forward pass of the
+full model on a source batch (the reference), ``zo`` features with 1 and 8
+directions, and ``exact`` features; prints each as a ratio to the forward.
+Then measures peak memory of selection against a training step (forward +
+backward) on the coreset, each in its own process (peak RSS growth on CPU,
+``max_memory_allocated`` on GPU).
+
+    python benchmarks/bench_features.py                  # CPU, 32 x 128 -> 16
+    python benchmarks/bench_features.py --device cuda --batch 128 --seq 512 --coreset 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from colm.features import GradientFeatures, draw_directions  # noqa: E402
+from colm.models import add_lora, load_model  # noqa: E402
+
+
+def setup(args):
+    torch.manual_seed(0)
+    model, _ = load_model()
+    model = add_lora(model, r=args.lora_r, target_modules=["q_proj", "v_proj"]).to(args.device)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g)
+    labels = ids.clone()
+    labels[:, : args.seq // 4] = -100  # a prompt part, masked as in SFT
+    batch = {
+        "input_ids": ids.to(args.device),
+        "attention_mask": torch.ones_like(ids).to(args.device),
+        "labels": labels.to(args.device),
+    }
+    return model, batch
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def phases(model, batch, args):
+    feats = GradientFeatures(model, chunk_size=args.coreset)
+    gen = torch.Generator().manual_seed(1)
+    ids, am, lab = batch["input_ids"], batch["attention_mask"], batch["labels"]
+
+    def forward():
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=am, use_cache=False)
+
+    def zo(q):
+        def run():
+            model.eval()
+            feats.compute(ids, am, lab, "zo", draw_directions(q, feats.numel, gen))
+
+        return run
+
+    def exact():
+        model.eval()
+        feats.compute(ids, am, lab, "exact")
+
+    def train():
+        model.train()
+        n = args.coreset
+        out = model(input_ids=ids[:n], attention_mask=am[:n], labels=lab[:n], use_cache=False)
+        out.loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return {"forward": forward, "zo_q1": zo(1), "zo_q8": zo(8), "exact": exact, "train": train}
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure_memory(args) -> None:
+    """Child process: run one phase once and print its peak memory growth (MB)."""
+    model, batch = setup(args)
+    run = phases(model, batch, args)[args.phase]
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+        run()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        base = rss_mb()
+        run()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"phase": args.phase, "base_mb": base, "peak_mb": peak}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--coreset", type=int, default=16)
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--phase", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    if args.phase:
+        return measure_memory(args)
+
+    model, batch = setup(args)
+    run = phases(model, batch, args)
+    names = ["forward", "zo_q1", "zo_q8", "exact"]
+    for name in names:  # warm-up
+        run[name]()
+    times = {n: [] for n in names}
+    for _ in range(args.repeats):
+        for name in names:  # interleaved, so drift hits all alike
+            sync(args.device)
+            t0 = time.perf_counter()
+            run[name]()
+            sync(args.device)
+            times[name].append(time.perf_counter() - t0)
+    med = {n: statistics.median(t) for n, t in times.items()}
+    print(
+        f"## Features on SmolLM2-135M + LoRA r={args.lora_r} (q,v), {args.device}, "
+        f"source batch {args.batch} x {args.seq} tokens, chunk {args.coreset}, "
+        f"median of {args.repeats}\n"
+    )
+    print("| phase | median (s) | ratio to forward | target |")
+    print("|---|---:|---:|---|")
+    targets = {"zo_q1": "<= 1.3"}
+    for n in names:
+        print(f"| {n} | {med[n]:.3f} | {med[n] / med['forward']:.2f} | {targets.get(n, '')} |")
+
+    print(f"\n## Peak memory, each phase in its own process ({args.device})\n")
+    print("| phase | growth over loaded model (MB) |")
+    print("|---|---:|")
+    mem = {}
+    for phase in ["zo_q1", "exact", "train"]:
+        cmd = [sys.executable, __file__, "--phase", phase] + [
+            f"--{k.replace('_', '-')}={v}"
+            for k, v in vars(args).items()
+            if k not in ("phase", "repeats")
+        ]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        r = json.loads(out.strip().splitlines()[-1])
+        mem[phase] = r["peak_mb"] - r["base_mb"]
+        label = phase if phase != "train" else f"train step on {args.coreset}"
+        print(f"| {label} | {mem[phase]:.0f} |")
+    print(
+        f"\nselection (zo q=1) / training step memory: {mem['zo_q1'] / mem['train']:.2f} "
+        f"(exact: {mem['exact'] / mem['train']:.2f}); target < 1"
+    )
+
+
+if __name__ == "__main__":
+    main()
