@@ -1,4 +1,4 @@
-"""Command line: ``colm demo`` (selection on the default model and mixture)."""
+"""Command line: ``colm train | eval | report | select``."""
 
 from __future__ import annotations
 
@@ -6,11 +6,44 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _offline():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _train(args) -> int:
+    from .config import load_config
+    from .train import run_training
+
+    cfg = load_config(args.config, args.overrides)
+    run = run_training(cfg)
+    print(f"\nrun directory: {run}  (compare runs with: colm report {run} ...)")
+    return 0
+
+
+def _eval(args) -> int:
+    from .train import run_eval
+
+    run_eval(Path(args.run_dir))
+    return 0
+
+
+def _report(args) -> int:
+    from .report import make_report
+
+    out = Path(args.out)
+    path = make_report([Path(r) for r in args.run_dirs], out)
+    print(f"report: {path}")
+    print(f"plots:  {', '.join(str(p) for p in sorted(out.glob('*.png')))}")
+    return 0
+
+
+def _select(args) -> int:
+    """One selection step on the default model and mixture, printing what was picked."""
     import torch
 
     from . import CoresetSelector, SelectorConfig, find_value_block
@@ -23,37 +56,26 @@ def _demo(args: argparse.Namespace) -> int:
     )
     from .models import add_lora, load_model
 
-    torch.manual_seed(args.seed)  # LoRA initialisation
-    print("colm demo: one CoLM selection step on the default model and data mixture\n")
+    torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model)
     model = add_lora(model)
-    block = find_value_block(model)
-    print(f"model: {args.model} + LoRA; feature block: {block.describe()}")
-
+    print(f"model: {args.model} + LoRA; feature block: {find_value_block(model).describe()}")
     mixture = build_default_mixture(MixtureSpec(seed=args.seed))
     counts = source_counts(mixture.train)
-    selector = CoresetSelector(
-        SelectorConfig(
-            ratio=args.ratio, feature=args.feature, num_directions=args.directions, seed=args.seed
-        ),
-        counts,
+    cfg = SelectorConfig(
+        ratio=args.ratio, feature=args.feature, num_directions=args.directions, seed=args.seed
     )
-    small = selector.small_sources
+    selector = CoresetSelector(cfg, counts)
     print("training mixture (examples per source; * = small, kept whole):")
     for name, n in sorted(counts.items(), key=lambda kv: -kv[1]):
-        print(f"  {'*' if name in small else ' '} {name:<28} {n:>6}")
-
+        print(f"  {'*' if name in selector.small_sources else ' '} {name:<26} {n:>6}")
     gen = torch.Generator().manual_seed(args.seed)
     pick = torch.randperm(len(mixture.train), generator=gen)[: args.batch].tolist()
     records = [mixture.train[i] for i in pick]
     examples, _ = tokenize_records(records, tokenizer, max_length=args.max_length)
     batch = CoLMCollator(tokenizer)(examples)
-    print(
-        f"\nsource batch: {len(examples)} random examples; coreset: "
-        f"{SelectorConfig(ratio=args.ratio).coreset_size(len(examples))}"
-    )
-
+    print(f"\nsource batch {len(examples)}, coreset {cfg.coreset_size(len(examples))}")
     for step in range(args.steps):
         sel = selector.select(model, batch)
         st = sel.stats
@@ -61,9 +83,9 @@ def _demo(args: argparse.Namespace) -> int:
             f"\nstep {step}: features {st['time_features']:.2f} s, "
             f"selection {st['time_selection'] * 1000:.1f} ms"
         )
-        print(f"  {'source':<28} {'in batch':>8} {'kept':>5} {'selected':>8}")
+        print(f"  {'source':<26} {'in batch':>8} {'kept':>5} {'selected':>8}")
         for name, c in sorted(st["sources"].items()):
-            print(f"  {name:<28} {c['in_batch']:>8} {c['kept']:>5} {c['selected']:>8}")
+            print(f"  {name:<26} {c['in_batch']:>8} {c['kept']:>5} {c['selected']:>8}")
     print("\npicked in the last step:")
     for i in sel.indices.tolist()[: args.show]:
         text = records[i]["prompt"].replace("\n", " ")
@@ -75,20 +97,44 @@ def _demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="colm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="one selection step on the default model and mixture")
-    demo.add_argument("--model", default="smollm2-135m-instruct")
-    demo.add_argument("--batch", type=int, default=32, help="source batch size")
-    demo.add_argument("--ratio", type=float, default=0.5)
-    demo.add_argument("--feature", default="zo", choices=["zo", "exact"])
-    demo.add_argument("--directions", type=int, default=1)
-    demo.add_argument("--max-length", type=int, default=256)
-    demo.add_argument("--steps", type=int, default=2)
-    demo.add_argument("--show", type=int, default=8)
-    demo.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("train", help="train as configured: colm train CONFIG [key=value ...]")
+    p.add_argument("config", help="YAML config, e.g. configs/default.yaml")
+    p.add_argument(
+        "overrides", nargs="*", help="overrides such as train.steps=10 train.method=random"
+    )
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="evaluate a run's final adapter: colm eval RUN_DIR")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("report", help="compare runs: colm report RUN_DIR... [--out DIR]")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--out", default="runs/report")
+    p.set_defaults(func=_report)
+
+    p = sub.add_parser("select", help="one selection step on the default model and mixture")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--batch", type=int, default=32, help="source batch size")
+    p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--feature", default="zo", choices=["zo", "exact"])
+    p.add_argument("--directions", type=int, default=1)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--show", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_select)
+
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        return _demo(args)
-    return 1
+    _offline()
+    from .config import ConfigError
+
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"colm: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -33,9 +33,9 @@ def test_cosine_to_exact_gradient_rises_with_directions_as_theory_says():
     D = feats.numel
     gen = torch.Generator().manual_seed(1)
     means = []
-    for q in (1, 4, 16, 64, 256):
+    for q in (1, 4, 16, 64):
         cos = []
-        for _ in range(8):
+        for _ in range(6):
             z = draw_directions(q, D, gen)
             zo = feats.compute(*args, kind="zo", directions=z)
             cos.append(torch.nn.functional.cosine_similarity(zo, exact, dim=1))
@@ -44,7 +44,7 @@ def test_cosine_to_exact_gradient_rises_with_directions_as_theory_says():
         theory = math.sqrt(q / (q + D + 1))
         assert abs(mean - theory) < 0.12, (q, mean, theory)
     assert all(b > a for a, b in zip(means, means[1:])), means
-    assert means[-1] > 0.9
+    assert means[-1] > 0.7  # theory: sqrt(64 / 97) = 0.81
 
 
 def _selector(**kw):

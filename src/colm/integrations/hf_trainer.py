@@ -1,0 +1,288 @@
+"""Coreset mini-batches inside an unmodified Hugging Face ``Trainer`` / TRL ``SFTTrainer``.
+
+The mixin hooks the one place where the Trainer fetches an optimizer step's
+micro-batches (``get_batch_samples``): it merges them into the source batch,
+selects the coreset, and re-packs it into the same number of micro-batches, so
+the optimizer-step cadence, gradient accumulation, schedulers, callbacks,
+logging and checkpointing of the Trainer all stay as they are.
+
+    trainer = CoLMTrainer(model=model, args=args, train_dataset=ds,
+                          data_collator=CoLMCollator(tokenizer),
+                          colm_config=SelectorConfig(ratio=0.5))
+
+The per-step batch of the Trainer (``per_device_train_batch_size x
+gradient_accumulation_steps``) is the source batch; the coreset is
+``ratio`` of it. Methods (``colm_method``):
+
+- ``"colm"``: the selector (default);
+- ``"random"``: a uniform random subset of the coreset's size;
+- ``"full"``: the whole source batch (plain training);
+- ``"accumulate"``: the whole source batch, each micro-batch run in pieces of the
+  coreset's micro-batch size (memory-equal baseline).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..selector import CoresetSelector, SelectorConfig
+from . import batching
+
+TRAIN_METHODS = ("colm", "random", "full", "accumulate")
+WEIGHT_KEY = "colm_weight"
+
+
+class KeepSourceCollator:
+    """Wraps a collator so that the per-example ``source`` survives collation."""
+
+    def __init__(self, inner, source_column: str = "source"):
+        self.inner = inner
+        self.source_column = source_column
+
+    def __call__(self, features):
+        if features and isinstance(features[0], Mapping) and self.source_column in features[0]:
+            sources = [str(f[self.source_column]) for f in features]
+            features = [{k: v for k, v in f.items() if k != self.source_column} for f in features]
+            batch = self.inner(features)
+            batch["source"] = sources
+            return batch
+        return self.inner(features)
+
+    def __getattr__(self, name):  # padding_free, pad_token_id, ... of the wrapped collator
+        return getattr(self.inner, name)
+
+
+def _dataset_source_counts(dataset, column: str) -> dict[str, int]:
+    if dataset is None:
+        raise ValueError("a train_dataset is needed to count examples per source")
+    if hasattr(dataset, "column_names"):
+        if column not in dataset.column_names:
+            raise ValueError(
+                f"the training dataset has no {column!r} column (columns: {dataset.column_names}); "
+                "colm needs the source of every example"
+            )
+        values = dataset[column]
+    else:
+        try:
+            values = [ex[column] for ex in dataset]
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"every training example needs a {column!r} entry") from e
+    return dict(Counter(str(v) for v in values))
+
+
+class CoLMTrainerMixin:
+    """Mix into ``transformers.Trainer`` or ``trl.SFTTrainer`` (before it in the bases).
+
+    Keyword arguments (besides the Trainer's own):
+        colm_config: a :class:`SelectorConfig` (default: the paper's).
+        colm_method: ``"colm"``, ``"random"``, ``"full"`` or ``"accumulate"``.
+        source_counts: examples per source in the training set (default: counted
+            from ``train_dataset``'s ``source_column``).
+        source_column: name of the per-example source column.
+    """
+
+    def __init__(
+        self,
+        *args,
+        colm_config: SelectorConfig | None = None,
+        colm_method: str = "colm",
+        source_counts: Mapping[str, int] | None = None,
+        source_column: str = "source",
+        **kwargs,
+    ):
+        if colm_method not in TRAIN_METHODS:
+            raise ValueError(
+                f"colm_method={colm_method!r} is invalid; expected one of {TRAIN_METHODS}"
+            )
+        train_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        for flag in ("packing", "padding_free"):
+            if getattr(train_args, flag, False):
+                raise ValueError(
+                    f"{flag}=True merges several examples into one sequence, but coreset selection "
+                    f"picks whole examples; set {flag}=False in your SFTConfig"
+                )
+        super().__init__(*args, **kwargs)
+        self.colm_method = colm_method
+        self.colm_config = colm_config or SelectorConfig()
+        self.source_column = source_column
+        if source_counts is None:
+            source_counts = _dataset_source_counts(self.train_dataset, source_column)
+        self.colm_source_counts = dict(source_counts)
+        self.colm_selector: CoresetSelector | None = None
+        if colm_method in ("colm", "random"):
+            cfg = self.colm_config
+            if colm_method == "random":
+                cfg = dataclasses.replace(cfg, method="random")
+            self.colm_selector = CoresetSelector(cfg, self.colm_source_counts)
+        if getattr(self.data_collator, "padding_free", False):
+            raise ValueError(
+                "the data collator is padding-free (examples merged into one row); "
+                "coreset selection needs one example per row: use padding_free=False"
+            )
+        self.data_collator = KeepSourceCollator(self.data_collator, source_column)
+        self._colm_weighted = colm_method == "colm" and self.colm_config.weights == "cluster"
+        if self._colm_weighted:
+            # our weighted loss is already divided by the step's weighted token count
+            self.loss_is_scaled_for_ga = True
+        self._colm_log: list[dict[str, float]] = []
+        self._colm_sub_batch: int | None = None
+
+    # -- keep the source column ------------------------------------------------
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if (
+            self._signature_columns is not None
+            and self.source_column not in self._signature_columns
+        ):
+            self._signature_columns = [*self._signature_columns, self.source_column]
+
+    # -- the hook: one optimizer step's micro-batches ----------------------------
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if not batch_samples:
+            return batch_samples, num_items
+        for b in batch_samples:
+            batching.check_not_packed(b)
+            if "source" not in b:
+                raise ValueError(
+                    "a training batch has no 'source' entry: keep the source column in the "
+                    "dataset (it is added to the Trainer's signature columns automatically)"
+                )
+        n_micro = len(batch_samples)
+        source_batch = sum(len(b["source"]) for b in batch_samples)
+        coreset = self.colm_config.coreset_size(source_batch)
+        if self.colm_method in ("full", "accumulate"):
+            self._colm_sub_batch = math.ceil(coreset / n_micro)
+            in_batch = Counter(s for b in batch_samples for s in b["source"])
+            self._colm_log.append({f"colm/{s}/in_batch": float(c) for s, c in in_batch.items()})
+            return [self._strip(b) for b in batch_samples], num_items
+
+        merged = batching.merge(batch_samples, self._pad_id())
+        model = self.accelerator.unwrap_model(self.model)
+        selection = self.colm_selector.select(model, merged)
+        chosen = batching.take(merged, selection.indices)
+        if self._colm_weighted:
+            chosen[WEIGHT_KEY] = selection.weights.to(merged["input_ids"].device)
+        new_samples = [self._strip(b) for b in batching.split(chosen, n_micro)]
+        if self._colm_weighted:
+            num_items = self._weighted_items(new_samples, device)
+        else:
+            num_items = self._get_num_items_in_batch(new_samples, device)
+        self._colm_log.append(selection.flat_stats())
+        return new_samples, num_items
+
+    def _strip(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in batch.items() if k != "source"}
+
+    def _pad_id(self) -> int:
+        pc = getattr(self, "processing_class", None)
+        pad = getattr(pc, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(self.data_collator, "pad_token_id", None)
+        return int(pad) if pad is not None else 0
+
+    def _weighted_items(self, samples, device) -> torch.Tensor:
+        total = sum((batching.label_tokens(b).float() * b[WEIGHT_KEY]).sum() for b in samples)
+        total = torch.as_tensor(total, device=device)
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            total = self.accelerator.gather(total[None]).sum()
+        return total
+
+    # -- loss with per-example weights ---------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = {k: v for k, v in inputs.items() if k != "source"}
+        weights = inputs.pop(WEIGHT_KEY, None)
+        if weights is None:
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        target = labels[:, 1:]
+        ce = F.cross_entropy(
+            outputs.logits[:, :-1].float().transpose(1, 2),
+            target,
+            ignore_index=batching.IGNORE_INDEX,
+            reduction="none",
+        )
+        weighted = (ce.sum(1) * weights.to(ce.dtype)).sum()
+        if num_items_in_batch is None:
+            num_items_in_batch = ((target != batching.IGNORE_INDEX).sum(1) * weights).sum()
+        loss = weighted / num_items_in_batch
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+    # -- accumulate: each micro-batch in pieces of the coreset's micro-batch size ----
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.colm_method != "accumulate" or not self._colm_sub_batch:
+            return super().training_step(model, inputs, num_items_in_batch)
+        n = len(inputs["input_ids"])
+        pieces = torch.arange(n).split(self._colm_sub_batch)
+        saved = self.current_gradient_accumulation_steps
+        # a per-piece mean loss must be divided by pieces x micro-batches
+        self.current_gradient_accumulation_steps = saved * len(pieces)
+        try:
+            total = None
+            for idx in pieces:
+                piece = batching.take(inputs, idx)
+                loss = super().training_step(model, piece, num_items_in_batch)
+                total = loss if total is None else total + loss
+        finally:
+            self.current_gradient_accumulation_steps = saved
+        return total
+
+    # -- logging -------------------------------------------------------------------
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self._colm_log and "loss" in logs:
+            # mean per optimizer step since the last log (a source absent in a step counts 0)
+            keys = sorted({k for entry in self._colm_log for k in entry})
+            for k in keys:
+                logs[k] = sum(e.get(k, 0.0) for e in self._colm_log) / len(self._colm_log)
+            self._colm_log = []
+        super().log(logs, *args, **kwargs)
+
+    # -- selector state in checkpoints -----------------------------------------------
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.colm_selector is not None and self.args.should_save:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = os.path.join(
+                self._get_output_dir(trial=trial),
+                f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}",
+            )
+            torch.save(self.colm_selector.state_dict(), os.path.join(folder, "colm_selector.pt"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, "colm_selector.pt")
+        if self.colm_selector is not None and os.path.exists(path):
+            self.colm_selector.load_state_dict(torch.load(path, weights_only=False))
+
+
+@functools.cache
+def _make(base, name):
+    return type(name, (CoLMTrainerMixin, base), {"__doc__": f"{base.__name__} with CoLM coresets."})
+
+
+def __getattr__(name):
+    # the ready classes are built on first use so that importing colm does not import trl
+    if name == "CoLMTrainer":
+        from transformers import Trainer
+
+        return _make(Trainer, "CoLMTrainer")
+    if name == "CoLMSFTTrainer":
+        from trl import SFTTrainer
+
+        return _make(SFTTrainer, "CoLMSFTTrainer")
+    raise AttributeError(name)
