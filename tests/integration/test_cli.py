@@ -1,0 +1,123 @@
+"""CLI end to end on a tiny model: train -> eval -> report, and config errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from colm.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, chat_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-model")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(chat_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        eos_token_id=chat_tokenizer.eos_token_id,
+        pad_token_id=chat_tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    chat_tokenizer.save_pretrained(path)
+    return path
+
+
+def _config(tmp_path, model_dir, method="colm"):
+    cfg = {
+        "name": method,
+        "output_dir": str(tmp_path / method),
+        "model": {"name": str(model_dir), "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+        "data": {
+            "max_length": 96,
+            "mixture": {
+                "train": {"basic_arithmetic": 40, "chain_sum": 30, "gcd": 6, "lcm": 4},
+                "test_per_source": 2,
+                "ood": {"products": 2},
+            },
+        },
+        "train": {
+            "method": method,
+            "steps": 3,
+            "source_batch": 8,
+            "micro_batches": 2,
+            "save_steps": 2,
+        },
+        "eval": {"max_new_tokens": 4, "batch_size": 8},
+    }
+    path = tmp_path / f"{method}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_train_eval_report(tmp_path, tiny_model_dir, capsys):
+    runs = []
+    for method in ("colm", "random"):
+        cfg = _config(tmp_path, tiny_model_dir, method)
+        assert main(["train", str(cfg), "train.steps=2"]) == 0
+        run = tmp_path / method
+        runs.append(run)
+        for name in (
+            "config.yaml",
+            "metrics.jsonl",
+            "eval.json",
+            "memory.json",
+            "selector.pt",
+            "adapter/adapter_config.json",
+            "checkpoints/checkpoint-2/colm_selector.pt",
+        ):
+            assert (run / name).exists(), name
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        steps = [x["step"] for x in lines if "loss" in x]
+        assert steps == [1, 2]  # the override took effect
+        assert all(
+            sum(v for k, v in x.items() if k.endswith("/selected")) == 4
+            for x in lines
+            if "loss" in x
+        )
+        assert yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"] == 2
+    ev = json.loads((runs[0] / "eval.json").read_text())
+    assert set(ev["loss"]) == {"basic_arithmetic", "chain_sum", "gcd", "lcm", "products"}
+    (runs[0] / "eval.json").unlink()
+    assert main(["eval", str(runs[0])]) == 0  # re-evaluates from the saved adapter
+    ev2 = json.loads((runs[0] / "eval.json").read_text())
+    assert ev2["loss"] == pytest.approx(ev["loss"], rel=1e-4)
+    out = tmp_path / "report"
+    assert main(["report", *map(str, runs), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "colm" in text and "random" in text
+    for png in (
+        "loss_vs_step.png",
+        "loss_vs_time.png",
+        "accuracy_per_task.png",
+        "selected_share.png",
+    ):
+        assert (out / png).stat().st_size > 1000, png
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.method=fancy", "train.method='fancy' is invalid"),
+        ("selector.ratio=0", "SelectorConfig.ratio=0"),
+        ("selector.feature=second", "SelectorConfig.feature='second'"),
+        ("train.source_batch=7", "train.source_batch=7 is invalid"),
+        ("data.path=/no/such.jsonl", "data.path='/no/such.jsonl' is invalid"),
+        ("train.bogus=1", "unknown key(s) ['bogus'] in train."),
+        ("selector.nope=1", "valid keys"),
+    ],
+)
+def test_config_errors_before_loading_anything(tmp_path, override, message, capsys):
+    cfg = _config(tmp_path, "/nonexistent-model")
+    assert main(["train", str(cfg), override]) == 2
+    assert message in capsys.readouterr().err
