@@ -125,9 +125,10 @@ def test_record_without_any_gold_is_an_error():
         score({"source": "x", "prompt": "p", "completion": "c"}, "Answer: 3")
 
 
-def test_checker_crash_counts_as_wrong(records):
+def test_checker_crash_counts_as_wrong():
     # number_sorting's checker parses JSON; junk must give 0, not an exception.
-    r = _by_task(records, "number_sorting")[0]
+    spec = MixtureSpec(train=[SourceSpec("number_sorting", 2)], test_per_source=0, ood=[])
+    r = build_default_mixture(spec).train[0]
     assert score(r, "Answer: [1, 2,") == 0.0
 
 

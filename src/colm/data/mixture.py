@@ -66,7 +66,7 @@ def _default_train_sources() -> list[SourceSpec]:
         SourceSpec("lcm", 40),
         SourceSpec("fraction_simplification", 32),
         SourceSpec("count_bits", 24),
-        SourceSpec("number_sorting", 16),
+        SourceSpec("time_intervals", 16),
     ]
 
 

@@ -122,6 +122,12 @@ class CoLMTrainerMixin:
             cfg = self.colm_config
             if colm_method == "random":
                 cfg = dataclasses.replace(cfg, method="random")
+            if cfg.chunk_size is None:
+                # replay chunks no larger than a training micro-batch of the coreset, so that
+                # selection never needs more memory than the training step
+                ga = self.args.gradient_accumulation_steps
+                source = self.args.per_device_train_batch_size * ga
+                cfg = dataclasses.replace(cfg, chunk_size=math.ceil(cfg.coreset_size(source) / ga))
             self.colm_selector = CoresetSelector(cfg, self.colm_source_counts)
         if getattr(self.data_collator, "padding_free", False):
             raise ValueError(
