@@ -132,7 +132,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        # configuration and data errors are written to be read by a person;
+        # COLM_DEBUG=1 shows the traceback instead
+        if os.environ.get("COLM_DEBUG"):
+            raise
         print(f"colm: error: {e}", file=sys.stderr)
         return 2
 

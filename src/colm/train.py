@@ -199,6 +199,8 @@ def run_eval(run: Path, model=None, tokenizer=None, cfg: RunConfig | None = None
         max_length=cfg.data.max_length,
         max_new_tokens=e.max_new_tokens,
         batch_size=e.batch_size,
+        # answer checkers exist for the built-in generators only; user data gets held-out loss
+        generate=cfg.data.path is None,
     )
     write_eval(result, run / "eval.json")
     print(format_table(result))

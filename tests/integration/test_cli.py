@@ -121,3 +121,39 @@ def test_config_errors_before_loading_anything(tmp_path, override, message, caps
     cfg = _config(tmp_path, "/nonexistent-model")
     assert main(["train", str(cfg), override]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_train_on_user_jsonl(tmp_path, tiny_model_dir):
+    rows = [
+        {"src": s, "prompt": f"Say {i}.", "completion": f"{i}"}
+        for i, s in enumerate(["web"] * 12 + ["code"] * 10 + ["math"] * 3)
+    ]
+    data = tmp_path / "mine.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = _config(tmp_path, tiny_model_dir)
+    out = tmp_path / "user"
+    args = [
+        "train",
+        str(cfg),
+        f"output_dir={out}",
+        f"data.path={data}",
+        f"data.test_path={data}",
+        "data.source_column=src",
+        "train.steps=2",
+    ]
+    assert main(args) == 0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = {k.split("/")[1] for x in lines for k in x if k.endswith("/in_batch")}
+    assert logged <= {"web", "code", "math"} and logged
+    ev = json.loads((out / "eval.json").read_text())
+    assert set(ev["loss"]) == {"web", "code", "math"}
+    assert not ev["accuracy_in"]  # no answer checkers for user data
+
+
+def test_missing_source_column_is_a_clear_error(tmp_path, tiny_model_dir, capsys):
+    data = tmp_path / "nosrc.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    cfg = _config(tmp_path, tiny_model_dir)
+    assert main(["train", str(cfg), f"data.path={data}", f"output_dir={tmp_path / 'x'}"]) == 2
+    err = capsys.readouterr().err
+    assert "colm: error:" in err and "'source'" in err

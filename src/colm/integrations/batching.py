@@ -102,6 +102,21 @@ def split(batch: Mapping[str, Any], parts: int) -> list[dict[str, Any]]:
     return [take(batch, c) for c in chunks]
 
 
+def weighted_token_loss(
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, total: torch.Tensor | float
+) -> torch.Tensor:
+    """sum_i weight_i x (sum of example i's next-token losses), divided by ``total``
+    (the step's weighted label-token count): the Trainer's token-level mean,
+    generalised to per-example weights."""
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2),
+        labels[:, 1:],
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).sum(1)
+    return (ce * weights.to(ce.device, ce.dtype)).sum() / total
+
+
 def label_tokens(batch: Mapping[str, Any]) -> torch.Tensor:
     """Number of next-token label positions per row (labels shifted as in causal LM)."""
     return (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1)

@@ -32,7 +32,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..selector import CoresetSelector, SelectorConfig
 from . import batching
@@ -213,17 +212,9 @@ class CoLMTrainerMixin:
             )
         labels = inputs.pop("labels")
         outputs = model(**inputs)
-        target = labels[:, 1:]
-        ce = F.cross_entropy(
-            outputs.logits[:, :-1].float().transpose(1, 2),
-            target,
-            ignore_index=batching.IGNORE_INDEX,
-            reduction="none",
-        )
-        weighted = (ce.sum(1) * weights.to(ce.dtype)).sum()
         if num_items_in_batch is None:
-            num_items_in_batch = ((target != batching.IGNORE_INDEX).sum(1) * weights).sum()
-        loss = weighted / num_items_in_batch
+            num_items_in_batch = (batching.label_tokens({"labels": labels}) * weights).sum()
+        loss = batching.weighted_token_loss(outputs.logits, labels, weights, num_items_in_batch)
         if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss

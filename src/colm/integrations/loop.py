@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..selector import CoresetSelector, Selection
 from . import batching
@@ -25,19 +24,6 @@ from . import batching
 class StepResult:
     loss: float
     selection: Selection
-
-
-def weighted_token_loss(model, batch: dict[str, Any], weights: torch.Tensor, total: torch.Tensor):
-    """Sum over rows of weight x (sum of label-token losses), divided by ``total``."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-    target = batch["labels"][:, 1:]
-    ce = F.cross_entropy(
-        out.logits[:, :-1].float().transpose(1, 2),
-        target,
-        ignore_index=batching.IGNORE_INDEX,
-        reduction="none",
-    ).sum(1)
-    return (ce * weights.to(ce.device)).sum() / total
 
 
 def coreset_step(
@@ -58,7 +44,12 @@ def coreset_step(
     loss_value = 0.0
     for part in torch.arange(len(weights)).tensor_split(min(micro_batches, len(weights))):
         piece = batching.take(chosen, part)
-        loss = weighted_token_loss(model, piece, weights[part], total.to(piece["input_ids"].device))
+        logits = model(
+            input_ids=piece["input_ids"], attention_mask=piece.get("attention_mask")
+        ).logits
+        loss = batching.weighted_token_loss(
+            logits, piece["labels"], weights[part], total.to(logits.device)
+        )
         loss.backward()
         loss_value += float(loss.detach())
     if max_grad_norm:
