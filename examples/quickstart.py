@@ -7,9 +7,17 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from colm import CoresetSelector, SelectorConfig, find_value_block
 
 torch.manual_seed(0)
-config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128,
-                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+config = LlamaConfig(
+    vocab_size=100,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+model = get_peft_model(
+    LlamaForCausalLM(config), LoraConfig(r=8, target_modules=["q_proj", "v_proj"])
+)
 print(find_value_block(model).describe())  # the parameter block whose gradient is the feature
 
 # a source batch of 16 examples from 3 sources; prompt tokens are masked out of the labels
