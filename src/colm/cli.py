@@ -19,8 +19,19 @@ def _train(args) -> int:
     from .config import load_config
     from .train import run_training
 
-    cfg = load_config(args.config, args.overrides)
-    run = run_training(cfg)
+    if args.resume:
+        if args.config is not None:  # with --resume, every positional is an override
+            args.overrides = [args.config, *args.overrides]
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").exists():
+            raise FileNotFoundError(f"{run_dir} is not a colm run directory (no config.yaml)")
+        cfg = load_config(run_dir / "config.yaml", args.overrides)
+        run = run_training(cfg, resume=True)
+    else:
+        if args.config is None:
+            raise FileNotFoundError("give a config file (colm train CONFIG) or --resume RUN_DIR")
+        cfg = load_config(args.config, args.overrides)
+        run = run_training(cfg)
     print(f"\nrun directory: {run}  (compare runs with: colm report {run} ...)")
     return 0
 
@@ -99,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train as configured: colm train CONFIG [key=value ...]")
-    p.add_argument("config", help="YAML config, e.g. configs/default.yaml")
+    p.add_argument("config", nargs="?", help="YAML config, e.g. configs/default.yaml")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     p.add_argument(
         "overrides", nargs="*", help="overrides such as train.steps=10 train.method=random"
     )

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -63,8 +64,9 @@ def build_model(cfg: RunConfig):
 class _MetricsWriter(TrainerCallback):
     """Trainer callback appending each log as one JSON line (flushed, never partial)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, time_offset: float = 0.0):
         self.path = path
+        self.offset = time_offset  # wall time already spent before a resume
         self.t0 = time.perf_counter()
 
     def on_train_begin(self, args, state, control, **kw):
@@ -73,7 +75,8 @@ class _MetricsWriter(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kw):
         if not state.is_world_process_zero or not logs:
             return
-        rec = {"step": state.global_step, "wall_time": time.perf_counter() - self.t0, **logs}
+        wall = self.offset + time.perf_counter() - self.t0
+        rec = {"step": state.global_step, "wall_time": wall, **logs}
         line = json.dumps(rec) + "\n"
         # one write of a whole line in append mode: a crash leaves whole lines only
         with open(self.path, "a") as f:
@@ -82,14 +85,63 @@ class _MetricsWriter(TrainerCallback):
             os.fsync(f.fileno())
 
 
+class _StopOnSignal(TrainerCallback):
+    """On SIGTERM / SIGINT, finish the current step, save a checkpoint and stop."""
+
+    def __init__(self):
+        self.received: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.received is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.received = signum
+        _log(f"received signal {signum}: saving a checkpoint after this step, then stopping")
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.received is not None:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        # fault injection for the kill-and-resume tests: die without any clean-up
+        # once the step after ``N`` has been logged (but not checkpointed)
+        kill_at = os.environ.get("COLM_FAULT_SIGKILL_AFTER_STEP")
+        if kill_at and state.global_step == int(kill_at) + 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _keep_metrics_until(path: Path, step: int) -> float:
+    """Keep the metrics lines of steps <= ``step`` (a resumed run rewrites the rest);
+    returns the wall time reached by then. Unreadable (partial) lines are dropped."""
+    if not path.exists():
+        return 0.0
+    kept, wall = [], 0.0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("step", 0) <= step:
+            kept.append(line)
+            wall = max(wall, float(rec.get("wall_time", 0.0)))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(x + "\n" for x in kept))
+    tmp.replace(path)
+    return wall
+
+
 def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_training(cfg: RunConfig) -> Path:
-    """Train as configured; returns the run directory."""
+def run_training(cfg: RunConfig, resume: bool = False) -> Path:
+    """Train as configured; returns the run directory. With ``resume``, continue
+    from the run directory's last checkpoint (same data order, selector state,
+    optimizer and RNG state as the uninterrupted run)."""
     from transformers import TrainingArguments
 
     from .data import CoLMCollator, tokenize_records
@@ -99,10 +151,22 @@ def run_training(cfg: RunConfig) -> Path:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     run = Path(cfg.output_dir)
     run.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run / "config.yaml")
     metrics = run / "metrics.jsonl"
-    if metrics.exists():
-        metrics.unlink()
+    checkpoint, time_offset = None, 0.0
+    if resume:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        folder = run / "checkpoints"
+        checkpoint = get_last_checkpoint(str(folder)) if folder.exists() else None
+        if checkpoint is None:
+            raise FileNotFoundError(f"{run} has no checkpoint to resume from ({folder})")
+        step = int(checkpoint.rsplit("-", 1)[1])
+        time_offset = _keep_metrics_until(metrics, step)
+        _log(f"resuming from {checkpoint}")
+    else:
+        save_config(cfg, run / "config.yaml")
+        if metrics.exists():
+            metrics.unlink()
     selector_cfg = cfg.selector_config()
 
     _log(f"run directory {run}")
@@ -142,13 +206,18 @@ def run_training(cfg: RunConfig) -> Path:
         processing_class=tokenizer,
         colm_config=selector_cfg,
         colm_method=t.method,
-        callbacks=[_MetricsWriter(metrics)],
+        callbacks=[_MetricsWriter(metrics, time_offset), _StopOnSignal()],
     )
     _log(
         f"training {t.method}: {t.steps} steps, source batch {t.source_batch}, coreset "
         f"{selector_cfg.coreset_size(t.source_batch) if t.method in ('colm', 'random') else t.source_batch}"
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    if trainer.state.global_step < t.steps:
+        _log(
+            f"stopped at step {trainer.state.global_step}; continue with: colm train --resume {run}"
+        )
+        return run
     model.save_pretrained(run / "adapter")
     tokenizer.save_pretrained(run / "adapter")
     if trainer.colm_selector is not None:
