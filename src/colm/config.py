@@ -13,9 +13,8 @@ from typing import Any
 
 import yaml
 
+from .integrations.hf_trainer import TRAIN_METHODS
 from .selector import SelectorConfig
-
-TRAIN_METHODS = ("colm", "random", "full", "accumulate")
 
 
 class ConfigError(ValueError):
