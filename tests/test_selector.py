@@ -198,3 +198,25 @@ def test_replay_check_catches_an_unreproduced_head(batch):
     sel = CoresetSelector(SelectorConfig(), COUNTS)
     with pytest.raises(ReplayMismatchError, match="does not reproduce"):
         sel.select(model, batch)
+
+
+def test_nonfinite_loss_example_is_excluded_and_moments_stay_finite(batch):
+    model = make_tiny("llama", lora=True)
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    head.weight = torch.nn.Parameter(emb.weight.detach().clone())  # untie: poison the input only
+    with torch.no_grad():
+        emb.weight[96] = float("nan")  # a poisoned token, used by one big-source example only
+    src = batch["source"]
+    victim = next(i for i, s in enumerate(src) if s == "big1")
+    poisoned = dict(batch, input_ids=batch["input_ids"].clone())
+    poisoned["input_ids"][poisoned["input_ids"] == 96] = 95
+    poisoned["input_ids"][victim, 0] = 96
+    sel = make_selector()
+    with pytest.warns(RuntimeWarning, match="non-finite loss"):
+        first = sel.select(model, poisoned)
+    assert first.stats["nonfinite"] == 1
+    assert victim not in first.indices.tolist()
+    assert torch.isfinite(sel.normalizer.m).all() and torch.isfinite(sel.normalizer.v).all()
+    second = sel.select(model, poisoned)  # warned once only; still excluded
+    assert victim not in second.indices.tolist()

@@ -154,12 +154,12 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
     metrics = run / "metrics.jsonl"
     checkpoint, time_offset = None, 0.0
     if resume:
-        from transformers.trainer_utils import get_last_checkpoint
+        from .integrations.hf_trainer import last_complete_checkpoint
 
         folder = run / "checkpoints"
-        checkpoint = get_last_checkpoint(str(folder)) if folder.exists() else None
+        checkpoint = last_complete_checkpoint(folder)
         if checkpoint is None:
-            raise FileNotFoundError(f"{run} has no checkpoint to resume from ({folder})")
+            raise FileNotFoundError(f"{run} has no complete checkpoint to resume from ({folder})")
         step = int(checkpoint.rsplit("-", 1)[1])
         time_offset = _keep_metrics_until(metrics, step)
         _log(f"resuming from {checkpoint}")

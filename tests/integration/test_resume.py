@@ -127,3 +127,24 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, tiny_model_dir):
     step = int(ckpts[0].name.split("-")[1])
     assert 2 <= step < 400
     assert "colm train --resume" in err
+
+
+def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path, tiny_model_dir):
+    full = tmp_path / "full"
+    assert _colm("train", str(_config(tmp_path, tiny_model_dir, full))).returncode == 0
+    crashed = tmp_path / "crashed"
+    r = _colm(
+        "train",
+        str(_config(tmp_path, tiny_model_dir, crashed)),
+        env={"COLM_FAULT_SIGKILL_IN_SAVE": "4"},
+    )
+    assert r.returncode == -signal.SIGKILL
+    half = crashed / "checkpoints" / "checkpoint-4"
+    assert half.exists() and not (half / "colm_complete").exists()  # the interrupted one
+    r = _colm("train", "--resume", str(crashed))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "checkpoint-2" in r.stderr  # resumed from the last complete checkpoint
+    wa = load_file(str(full / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(crashed / "adapter" / "adapter_model.safetensors"))
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=1e-5)

@@ -38,6 +38,8 @@ from . import batching
 
 TRAIN_METHODS = ("colm", "random", "full", "accumulate")
 WEIGHT_KEY = "colm_weight"
+SELECTOR_FILE = "colm_selector.pt"
+COMPLETE_MARKER = "colm_complete"
 
 
 class KeepSourceCollator:
@@ -251,20 +253,52 @@ class CoLMTrainerMixin:
     # -- selector state in checkpoints -----------------------------------------------
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        if self.colm_selector is not None and self.args.should_save:
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-            folder = os.path.join(
-                self._get_output_dir(trial=trial),
-                f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}",
-            )
-            torch.save(self.colm_selector.state_dict(), os.path.join(folder, "colm_selector.pt"))
+        folder = os.path.join(
+            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        )
+        if self.args.should_save:
+            if self.colm_selector is not None:
+                torch.save(self.colm_selector.state_dict(), os.path.join(folder, SELECTOR_FILE))
+            # fault injection for tests: die while the checkpoint is incomplete
+            if os.environ.get("COLM_FAULT_SIGKILL_IN_SAVE") == str(self.state.global_step):
+                os.kill(os.getpid(), 9)
+            # written last: a checkpoint without it was interrupted and is never resumed from
+            with open(os.path.join(folder, COMPLETE_MARKER), "w") as f:
+                f.write(str(self.state.global_step))
+                f.flush()
+                os.fsync(f.fileno())
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, "colm_selector.pt")
+        path = os.path.join(resume_from_checkpoint, SELECTOR_FILE)
         if self.colm_selector is not None and os.path.exists(path):
             self.colm_selector.load_state_dict(torch.load(path, weights_only=False))
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"no complete checkpoint in {self.args.output_dir} to resume from")
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+
+def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
+    """The newest ``checkpoint-N`` in ``folder`` whose writing finished (has the marker)."""
+    if not os.path.isdir(folder):
+        return None
+    steps = []
+    for name in os.listdir(folder):
+        prefix, _, step = name.rpartition("-")
+        path = os.path.join(folder, name)
+        if (
+            prefix == "checkpoint"
+            and step.isdigit()
+            and os.path.exists(os.path.join(path, COMPLETE_MARKER))
+        ):
+            steps.append((int(step), path))
+    return max(steps)[1] if steps else None
 
 
 @functools.cache
