@@ -181,3 +181,12 @@ def plain_tokenizer(chat_tokenizer):
     tokenizer = copy.deepcopy(chat_tokenizer)
     tokenizer.chat_template = None
     return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, chat_tokenizer):
+    """A saved tiny Llama with SmolLM2's tokenizer: a model directory for CLI runs."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    tiny_lm_for(chat_tokenizer).save_pretrained(path)
+    chat_tokenizer.save_pretrained(path)
+    return path

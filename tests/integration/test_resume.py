@@ -13,17 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import tiny_lm_for
-
 STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, chat_tokenizer):
-    path = tmp_path_factory.mktemp("tiny-model")
-    tiny_lm_for(chat_tokenizer).save_pretrained(path)
-    chat_tokenizer.save_pretrained(path)
-    return path
 
 
 def _config(tmp_path, model_dir, out):
