@@ -52,10 +52,24 @@ def _steps(run):
     return {x["step"]: x for x in lines if "loss" in x}
 
 
-def test_sigkill_then_resume_continues_identically(tmp_path, tiny_model_dir):
-    full = tmp_path / "full"
-    assert _colm("train", str(_config(tmp_path, tiny_model_dir, full))).returncode == 0
+def _assert_same_adapter(run_a, run_b):
+    wa = load_file(str(run_a / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(run_b / "adapter" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=1e-5)
 
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory, tiny_model_dir):
+    """The uninterrupted run that the interrupted ones must reproduce."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    out = tmp / "full"
+    assert _colm("train", str(_config(tmp, tiny_model_dir, out))).returncode == 0
+    return out
+
+
+def test_sigkill_then_resume_continues_identically(tmp_path, tiny_model_dir, full):
     killed = tmp_path / "killed"
     r = _colm(
         "train",
@@ -75,10 +89,7 @@ def test_sigkill_then_resume_continues_identically(tmp_path, tiny_model_dir):
         sel_b = {k: v for k, v in b[step].items() if k.endswith("/selected")}
         assert sel_a == sel_b, step
         assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=1e-5), step
-    wa = load_file(str(full / "adapter" / "adapter_model.safetensors"))
-    wb = load_file(str(killed / "adapter" / "adapter_model.safetensors"))
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=1e-5)
+    _assert_same_adapter(full, killed)
     sa, sb = torch.load(full / "selector.pt"), torch.load(killed / "selector.pt")
     assert sa["step"] == sb["step"] == STEPS
     assert torch.equal(sa["adam"]["m"], sb["adam"]["m"])
@@ -119,9 +130,9 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, tiny_model_dir):
     assert "colm train --resume" in err
 
 
-def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path, tiny_model_dir):
-    full = tmp_path / "full"
-    assert _colm("train", str(_config(tmp_path, tiny_model_dir, full))).returncode == 0
+def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(
+    tmp_path, tiny_model_dir, full
+):
     crashed = tmp_path / "crashed"
     r = _colm(
         "train",
@@ -134,7 +145,4 @@ def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path
     r = _colm("train", "--resume", str(crashed))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "checkpoint-2" in r.stderr  # resumed from the last complete checkpoint
-    wa = load_file(str(full / "adapter" / "adapter_model.safetensors"))
-    wb = load_file(str(crashed / "adapter" / "adapter_model.safetensors"))
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=1e-5)
+    _assert_same_adapter(full, crashed)
