@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .facility import facility_location
-from .features import AdamNormalizer, GradientFeatures, draw_directions, top_dims
+from .features import AdamNormalizer, GradientFeatures, draw_directions, lift, top_dims
 from .sources import allocate_budget, find_small_sources
 
 METHODS = ("colm", "random")
@@ -138,6 +139,19 @@ class Selection:
     weights: torch.Tensor
     stats: dict[str, Any] = field(default_factory=dict)
 
+    def shard(self, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``indices`` and ``weights`` that data-parallel rank ``rank`` of ``world``
+        trains on: an equal, contiguous share of the coreset."""
+        n = self.indices.numel()
+        if n % world:
+            raise ValueError(
+                f"a coreset of {n} examples cannot be split equally over {world} processes; "
+                "choose the coreset size (selector ratio or size) as a multiple of the "
+                "number of processes"
+            )
+        start, end = distributed.share_bounds(n, world)[rank]
+        return self.indices[start:end], self.weights[start:end]
+
     def flat_stats(self, prefix: str = "colm/") -> dict[str, float]:
         """Stats as a flat dict of numbers, for trainer logging."""
         out: dict[str, float] = {}
@@ -170,14 +184,25 @@ class CoresetSelector:
         config: a :class:`SelectorConfig`.
         source_counts: number of examples of each source in the whole training
             set (decides which sources are small).
+        process_group: under data parallelism (``torch.distributed`` initialised),
+            the group whose ranks share the work: every rank passes the same global
+            source batch, computes features for its share, and all get the same
+            selection (see :mod:`colm.distributed`). ``None``: select on this
+            process alone.
 
     >>> selector = CoresetSelector(SelectorConfig(ratio=0.5), {"gsm": 9000, "gcd": 120})
     >>> sel = selector.select(model, batch)        # doctest: +SKIP
     >>> coreset = {k: v[sel.indices] for k, v in batch.items() if k != "source"}  # doctest: +SKIP
     """
 
-    def __init__(self, config: SelectorConfig, source_counts: Mapping[str, int]):
+    def __init__(
+        self,
+        config: SelectorConfig,
+        source_counts: Mapping[str, int],
+        process_group: Any = distributed.DEFAULT,
+    ):
         self.config = config
+        self.process_group = process_group
         self.source_counts = dict(source_counts)
         rule = config.small_sources
         self.small_sources = find_small_sources(
@@ -206,26 +231,41 @@ class CoresetSelector:
                 f"({sorted(self.source_counts)}); pass the counts of every source in the data"
             )
         b = self.config.coreset_size(n)
+        info = distributed.process_info(self.process_group)
+        if info.active and b % info.world:
+            raise ValueError(
+                f"the coreset of {b} examples (of a source batch of {n}) cannot be split "
+                f"equally over {info.world} processes; choose the selector's ratio or size so "
+                f"that the coreset is a multiple of {info.world}"
+            )
         stats: dict[str, Any] = {
             "step": self.step,
             "source_batch": n,
             "coreset": b,
             "small_overflow": 0,
             "nonfinite": 0,
+            "processes": info.world,
+            "comm_bytes": 0,
             "time_features": 0.0,
             "time_selection": 0.0,
         }
         t0 = time.perf_counter()
+        if info.active:
+            stats["comm_bytes"] += distributed.check_same_batch(batch["input_ids"], sources, info)
         if self.config.method == "random":
             picked = torch.randperm(n, generator=self.generator)[:b]
             weight_of = {int(i): 1.0 for i in picked}
         else:
-            weight_of = self._select_colm(model, batch, sources, b, stats)
-        total = time.perf_counter() - t0
-        stats["time_selection"] = total - stats["time_features"]
+            weight_of = self._select_colm(model, batch, sources, b, stats, info)
 
         indices = torch.tensor(sorted(weight_of), dtype=torch.long)
         weights = torch.tensor([weight_of[int(i)] for i in indices], dtype=torch.float32)
+        if info.active:
+            # every rank computed the same choice from the same bytes; rank 0's makes it certain
+            indices, weights, received = distributed.broadcast_selection(indices, weights, info)
+            stats["comm_bytes"] += received
+        total = time.perf_counter() - t0
+        stats["time_selection"] = total - stats["time_features"]
         per_source: dict[str, dict[str, int]] = {}
         for s in sorted(set(sources)):
             per_source[s] = {"in_batch": 0, "kept": 0, "selected": 0}
@@ -261,7 +301,7 @@ class CoresetSelector:
         self._features.chunk_size = chunk
         return self._features
 
-    def _select_colm(self, model, batch, sources, b, stats) -> dict[int, float]:
+    def _select_colm(self, model, batch, sources, b, stats, info) -> dict[int, float]:
         cfg = self.config
         small_idx = [i for i, s in enumerate(sources) if s in self.small_sources]
         if len(small_idx) > b:
@@ -290,7 +330,7 @@ class CoresetSelector:
 
         rows = [i for ix in need.values() for i in ix]
         t0 = time.perf_counter()
-        g = self._compute_features(model, batch, rows, b)
+        g = self._compute_features(model, batch, rows, b, info, stats)
         stats["time_features"] = time.perf_counter() - t0
 
         finite = torch.isfinite(g).all(1)
@@ -325,25 +365,44 @@ class CoresetSelector:
             self.normalizer.update(g[torch.tensor(chosen_rows, device=g.device)])
         return weight_of
 
-    def _compute_features(self, model, batch, rows: list[int], b: int) -> torch.Tensor:
+    def _compute_features(self, model, batch, rows: list[int], b: int, info, stats):
+        """Features of ``rows`` of the batch, [len(rows), D]. Under data parallelism each
+        rank computes a contiguous share and the shares are gathered (zo: only the
+        per-direction coefficients travel; they are lifted on every rank)."""
         cfg = self.config
         feats = self._features_for(model, b)
-        idx = torch.tensor(rows, dtype=torch.long)
+        directions = None
+        if cfg.feature == "zo":
+            # drawn on every rank from identical generator states: identical directions
+            directions = draw_directions(cfg.num_directions, feats.numel, self.generator)
+        mine = rows
+        if info.active:
+            bounds = distributed.share_bounds(len(rows), info.world)
+            start, end = bounds[info.rank]
+            mine = rows[start:end]
+        idx = torch.tensor(mine, dtype=torch.long)
         ids = batch["input_ids"][idx]
         am = batch.get("attention_mask")
         am = am[idx] if am is not None else None
         labels = batch.get("labels")
         labels = labels[idx] if labels is not None else ids.masked_fill(am == 0, -100)
-        directions = None
-        if cfg.feature == "zo":
-            directions = draw_directions(cfg.num_directions, feats.numel, self.generator)
         modes = [(m, m.training) for m in model.modules()]
         model.eval()
         try:
-            if cfg.check_replay and id(model) not in self._checked:
+            if cfg.check_replay and id(model) not in self._checked and len(mine):
                 feats.check(ids, am, labels)
                 self._checked.add(id(model))
-            return feats.compute(ids, am, labels, cfg.feature, directions, cfg.eps)
+            local = feats.compute(
+                ids, am, labels, cfg.feature, directions, cfg.eps, lifted=not info.active
+            )
         finally:
             for m, mode in modes:
                 m.training = mode
+        if not info.active:
+            return local
+        counts = [e - s for s, e in bounds]
+        gathered, received = distributed.gather_rows(local, counts, info)
+        stats["comm_bytes"] += received
+        if cfg.feature == "zo":
+            return lift(gathered, directions.to(gathered.device))
+        return gathered

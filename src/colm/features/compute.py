@@ -71,11 +71,14 @@ class GradientFeatures:
         kind: str = "zo",
         directions: torch.Tensor | None = None,
         eps: float = 1e-3,
+        lifted: bool = True,
     ) -> torch.Tensor:
         """Features [n, D] (float32, on the model's device), one row per example.
 
-        ``directions`` [q, D] are required for ``zo``. Rows with a non-finite
-        loss come out non-finite; the caller decides what to do with them.
+        ``directions`` [q, D] are required for ``zo``; with ``lifted=False`` zo
+        returns the coefficients [n, q] instead (features = coefficients @ directions
+        / q, see :func:`lift`). Rows with a non-finite loss come out non-finite; the
+        caller decides what to do with them.
         """
         if kind not in FEATURE_KINDS:
             raise ValueError(f"feature kind must be one of {FEATURE_KINDS}, got {kind!r}")
@@ -92,11 +95,14 @@ class GradientFeatures:
             captured = self.replay.capture(ids, am)
             if kind == "zo":
                 coef = zo_coefficients(self.replay, captured, lab, directions, eps)
-                parts.append(lift(coef, directions))
+                parts.append(lift(coef, directions) if lifted else coef)
             else:
                 parts.append(exact_gradients(self.replay, captured, lab)[0])
             del captured
-        return torch.cat(parts) if parts else torch.zeros(0, self.numel, device=device)
+        if parts:
+            return torch.cat(parts)
+        width = self.numel if kind == "exact" or lifted else directions.shape[0]
+        return torch.zeros(0, width, device=device)
 
 
 def _row(t, n):

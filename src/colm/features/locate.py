@@ -203,6 +203,24 @@ def _model_has_lora(model: nn.Module) -> bool:
     return any(_is_lora_layer(m) for m in model.modules())
 
 
+def _refuse_sharded(parameter: torch.Tensor, name: str) -> None:
+    """FSDP and DeepSpeed ZeRO-3 keep only a shard of each parameter on a rank; the
+    replay needs the whole last block."""
+    sharded = (
+        hasattr(parameter, "ds_numel")  # ZeRO-3 partitioned parameter
+        or type(parameter).__name__ == "DTensor"  # FSDP2
+        or isinstance(getattr(parameter, "data", None), torch.Tensor)
+        and type(parameter.data).__name__ == "DTensor"
+        or parameter.numel() == 0  # FSDP1 with the flat parameter sharded away
+    )
+    if sharded:
+        raise BlockNotFoundError(
+            f"{name} is sharded across processes (FSDP or DeepSpeed ZeRO-3); colm's gradient "
+            "features replay the whole last block. Use DDP or DeepSpeed ZeRO-1/2, or "
+            "random selection"
+        )
+
+
 def find_value_block(model: nn.Module) -> ValueBlock:
     """Locate the value projection of the last transformer block of ``model``.
 
@@ -261,6 +279,7 @@ def find_value_block(model: nn.Module) -> ValueBlock:
         dim = 1 if type(base).__name__ == "Conv1D" else 0
         out_features = parameter.shape[dim]
 
+    _refuse_sharded(parameter, module_name)
     if layout is None:
         index = torch.arange(out_features)
     else:

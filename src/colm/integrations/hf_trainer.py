@@ -19,6 +19,16 @@ gradient_accumulation_steps``) is the source batch; the coreset is
 - ``"full"``: the whole source batch (plain training);
 - ``"accumulate"``: the whole source batch, each micro-batch run in pieces of the
   coreset's micro-batch size (memory-equal baseline).
+
+Data parallelism (``torchrun`` / ``accelerate launch``, DDP and DeepSpeed
+ZeRO-1/2): the source batch is global, ``per_device_train_batch_size x
+gradient_accumulation_steps x processes`` examples, as in plain HF training.
+For ``colm`` and ``random`` the training data loader is not sharded: every
+rank loads the same global micro-batches, computes features for its share,
+and all agree on one coreset (:mod:`colm.distributed`); each rank then trains
+on an equal share of it. The coreset must be a multiple of the number of
+processes. FSDP and ZeRO-3 shard the last block's parameters, which the
+features replay, and are refused for ``colm``.
 """
 
 from __future__ import annotations
@@ -123,12 +133,23 @@ class CoLMTrainerMixin:
             cfg = self.colm_config
             if colm_method == "random":
                 cfg = dataclasses.replace(cfg, method="random")
+            world = self.accelerator.num_processes
+            ga = self.args.gradient_accumulation_steps
+            source = self.args.per_device_train_batch_size * ga * world
+            coreset = cfg.coreset_size(source)
+            if coreset % world:
+                raise ValueError(
+                    f"the coreset of {coreset} examples (global source batch {source} = "
+                    f"per_device_train_batch_size x gradient_accumulation_steps x {world} "
+                    f"processes) cannot be split equally over {world} processes; choose the "
+                    f"selector's ratio or size so that the coreset is a multiple of {world}"
+                )
+            if colm_method == "colm":
+                _refuse_sharded_parameters(self)
             if cfg.chunk_size is None:
                 # replay chunks no larger than a training micro-batch of the coreset, so that
                 # selection never needs more memory than the training step
-                ga = self.args.gradient_accumulation_steps
-                source = self.args.per_device_train_batch_size * ga
-                cfg = dataclasses.replace(cfg, chunk_size=math.ceil(cfg.coreset_size(source) / ga))
+                cfg = dataclasses.replace(cfg, chunk_size=math.ceil(coreset / world / ga))
             self.colm_selector = CoresetSelector(cfg, self.colm_source_counts)
         if getattr(self.data_collator, "padding_free", False):
             raise ValueError(
@@ -151,6 +172,35 @@ class CoLMTrainerMixin:
             and self.source_column not in self._signature_columns
         ):
             self._signature_columns = [*self._signature_columns, self.source_column]
+
+    # -- data parallelism: every rank loads the global source batch ---------------
+    def get_train_dataloader(self):
+        world = self.accelerator.num_processes
+        if self.colm_method not in ("colm", "random") or world == 1:
+            return super().get_train_dataloader()
+        if isinstance(self.train_dataset, torch.utils.data.IterableDataset):
+            raise ValueError(
+                "coreset selection over several processes needs a map-style training dataset "
+                "(every rank loads the same global batches); got an IterableDataset"
+            )
+        saved = self._train_batch_size
+        self._train_batch_size = saved * world
+        try:
+            loader = super().get_train_dataloader()
+        finally:
+            self._train_batch_size = saved
+        shard = getattr(loader, "batch_sampler", None)
+        if shard is None or not hasattr(shard, "num_processes"):
+            raise ValueError(
+                "coreset selection over several processes needs accelerate's sharded batch "
+                "sampler (dispatch_batches=False, the default); got "
+                f"{type(loader).__name__} with {type(shard).__name__}"
+            )
+        # as transformers does for its rank-aware samplers: a pass-through shard, so that
+        # every rank iterates the same global micro-batches (the sampler's seed is shared)
+        shard.num_processes = 1
+        shard.process_index = 0
+        return loader
 
     # -- the hook: one optimizer step's micro-batches ----------------------------
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -176,9 +226,13 @@ class CoLMTrainerMixin:
         merged = batching.merge(batch_samples, self._pad_id())
         model = self.accelerator.unwrap_model(self.model)
         selection = self.colm_selector.select(model, merged)
-        chosen = batching.take(merged, selection.indices)
+        # this rank's equal share of the coreset (all of it on one process)
+        indices, weights = selection.shard(
+            self.accelerator.process_index, self.accelerator.num_processes
+        )
+        chosen = batching.take(merged, indices)
         if self._colm_weighted:
-            chosen[WEIGHT_KEY] = selection.weights.to(merged["input_ids"].device)
+            chosen[WEIGHT_KEY] = weights.to(merged["input_ids"].device)
         new_samples = [self._strip(b) for b in batching.split(chosen, n_micro)]
         if self._colm_weighted:
             num_items = self._weighted_items(new_samples, device)
@@ -282,6 +336,26 @@ class CoLMTrainerMixin:
             if resume_from_checkpoint is None:
                 raise ValueError(f"no complete checkpoint in {self.args.output_dir} to resume from")
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+
+def _refuse_sharded_parameters(trainer) -> None:
+    """FSDP and ZeRO-3 shard every parameter, the last block's included, which the
+    features replay; ZeRO-1/2 shard only optimizer state and gradients."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        raise ValueError(
+            "colm feature selection does not support FSDP: it shards the last block's "
+            "parameters that the gradient features replay. Use DDP or DeepSpeed ZeRO-1/2 "
+            "(optimizer and gradient sharding), or colm_method='random'"
+        )
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+        stage = getattr(plugin, "zero_stage", None)
+        if stage == 3:
+            raise ValueError(
+                "colm feature selection does not support DeepSpeed ZeRO-3: it shards the last "
+                "block's parameters that the gradient features replay. Use ZeRO stage 1 or 2, "
+                "or colm_method='random'"
+            )
 
 
 def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:

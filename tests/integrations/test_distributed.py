@@ -1,0 +1,170 @@
+"""Data-parallel selection: 2 processes (gloo, CPU) behave exactly as 1 process on
+the same global source batches, and no batch makes a rank hang.
+
+Each run is a real ``torch.distributed.run`` launch of tests/integrations/ddp_worker.py
+with a timeout, so a hang fails the test instead of blocking CI.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from colm.features.locate import BlockNotFoundError, find_value_block
+from colm.integrations.hf_trainer import _refuse_sharded_parameters
+from tests.conftest import make_tiny
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = ROOT / "tests" / "integrations" / "ddp_worker.py"
+TIMEOUT = 300
+
+pytestmark = pytest.mark.distributed
+
+
+def launch(out: Path, processes: int, *args: str, expect_ok: bool = True):
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={processes}", str(WORKER), "--out", str(out), *args,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    try:
+        proc = subprocess.run(
+            cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT
+        )
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{processes}-process run hung (no exit within {TIMEOUT} s): {e}")
+    if expect_ok:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return [json.loads((out / f"rank{r}.json").read_text()) for r in range(processes)]
+    return proc
+
+
+def assert_same_run(one: dict, many: list[dict]) -> None:
+    for rank in many:
+        assert len(rank["steps"]) == len(one["steps"])
+        for step, (a, b) in enumerate(zip(one["steps"], rank["steps"])):
+            assert a["picked"] == b["picked"], f"step {step}: different coreset"
+            assert a["weights"] == pytest.approx(b["weights"])
+    assert many[0]["losses"] == pytest.approx(one["losses"], abs=1e-5)
+    lora = many[0]["lora"]
+    assert sorted(lora) == sorted(one["lora"])
+    for name, values in one["lora"].items():
+        diff = (torch.tensor(values) - torch.tensor(lora[name])).abs().max()
+        assert float(diff) < 1e-5, name
+
+
+def expected_comm_bytes(stats: dict, rank: int, world: int, q: int) -> int:
+    """What a rank receives: the other ranks' feature coefficients (padded shares),
+    their batch fingerprints and, off rank 0, the broadcast coreset."""
+    rows = sum(
+        c["in_batch"] for c in stats["sources"].values() if 0 < c["selected"] < c["in_batch"]
+    )
+    rows -= sum(c["kept"] for c in stats["sources"].values() if 0 < c["kept"] < c["in_batch"])
+    gathered = (world - 1) * max(1, math.ceil(rows / world)) * q * 4 if rows else 0
+    fingerprint = (world - 1) * 4 * 8
+    broadcast = 0 if rank == 0 else 2 * stats["coreset"] * 8
+    return gathered + fingerprint + broadcast
+
+
+def test_trainer_two_processes_select_train_and_resume_as_one(tmp_path):
+    args = ["--mode", "trainer", "--steps", "4", "--micro", "8", "--save-steps", "2"]
+    one = launch(tmp_path / "one", 1, *args)[0]
+    two = launch(tmp_path / "two", 2, *args)
+    assert two[0]["world"] == 2
+    assert_same_run(one, two)
+    assert [s["stats"]["processes"] for s in two[0]["steps"]] == [2, 2, 2, 2]
+    # bytes moved for selection: 2 floats (zo, q=2) per example, not the inputs
+    for rank, result in enumerate(two):
+        for step in result["steps"]:
+            stats = step["stats"]
+            assert stats["comm_bytes"] == expected_comm_bytes(stats, rank, 2, q=2)
+            inputs = stats["source_batch"] * 4 * 8  # at least 4 int64 token ids per example
+            assert stats["comm_bytes"] < inputs
+    assert all(s["stats"]["comm_bytes"] == 0 for s in one["steps"])
+
+    # resume from the step-2 checkpoint under 2 processes: the same last 2 steps
+    ckpt = tmp_path / "two" / "trainer" / "checkpoint-2"
+    assert (ckpt / "colm_selector.pt").exists() and (ckpt / "colm_complete").exists()
+    again = tmp_path / "resumed" / "trainer" / "checkpoint-2"
+    shutil.copytree(ckpt, again)
+    resumed = launch(tmp_path / "resumed", 2, *args, "--resume", str(again))
+    assert [s["picked"] for s in resumed[0]["steps"]] == [s["picked"] for s in two[0]["steps"][2:]]
+    # the log history comes back from the checkpoint; the new steps' losses are the same
+    assert resumed[0]["losses"] == pytest.approx(two[0]["losses"], abs=1e-5)
+    for name, values in two[0]["lora"].items():
+        diff = (torch.tensor(values) - torch.tensor(resumed[0]["lora"][name])).abs().max()
+        assert float(diff) < 1e-5, name
+
+
+@pytest.mark.slow
+def test_loop_two_processes_exact_cluster_weights_as_one(tmp_path):
+    args = ["--mode", "loop", "--steps", "3", "--feature", "exact", "--weights", "cluster"]
+    one = launch(tmp_path / "one", 1, *args)[0]
+    two = launch(tmp_path / "two", 2, *args)
+    assert_same_run(one, two)
+    assert any(w != 1.0 for s in one["steps"] for w in s["weights"])
+
+
+def test_edge_batches_do_not_hang(tmp_path):
+    """3 processes; even steps: small sources alone exceed the coreset; odd steps: only
+    2 examples need features, so the third rank computes none."""
+    three = launch(tmp_path, 3, "--mode", "loop", "--steps", "2", "--case", "edge",
+                   "--coreset", "6")  # fmt: skip
+    for result in three:
+        assert [s["picked"] for s in result["steps"]] == [s["picked"] for s in three[0]["steps"]]
+        overflow, few = result["steps"]
+        assert overflow["stats"]["small_overflow"] == 6  # 12 small-source examples
+        assert overflow["stats"]["sources"]["big1"]["selected"] == 0
+        assert few["stats"]["sources"]["big1"]["selected"] == 1
+        assert few["stats"]["small_overflow"] == 0
+
+
+def test_coreset_not_divisible_by_processes_is_a_clear_error(tmp_path):
+    proc = launch(tmp_path, 2, "--mode", "loop", "--steps", "1", "--coreset", "7",
+                  expect_ok=False)  # fmt: skip
+    assert proc.returncode != 0
+    assert "cannot be split equally over 2 processes" in proc.stderr
+    assert "multiple of 2" in proc.stderr
+
+
+def test_ranks_with_different_batches_are_a_clear_error(tmp_path):
+    proc = launch(tmp_path, 2, "--mode", "loop", "--steps", "1", "--case", "mismatch",
+                  expect_ok=False)  # fmt: skip
+    assert proc.returncode != 0
+    assert "ranks [1] were given a different source batch than rank 0" in proc.stderr
+
+
+def test_fsdp_and_zero3_are_refused_zero2_is_not():
+    fsdp = SimpleNamespace(is_fsdp_enabled=True, is_deepspeed_enabled=False)
+    with pytest.raises(ValueError, match="does not support FSDP"):
+        _refuse_sharded_parameters(fsdp)
+
+    def deepspeed(stage):
+        state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage))
+        return SimpleNamespace(
+            is_fsdp_enabled=False,
+            is_deepspeed_enabled=True,
+            accelerator=SimpleNamespace(state=state),
+        )
+
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        _refuse_sharded_parameters(deepspeed(3))
+    _refuse_sharded_parameters(deepspeed(2))
+    _refuse_sharded_parameters(deepspeed(1))
+
+
+def test_a_sharded_value_block_is_refused_by_the_locator():
+    model = make_tiny("llama", lora=True)
+    block = find_value_block(model)
+    block.parameter.ds_numel = block.parameter.numel()  # what ZeRO-3 attaches
+    with pytest.raises(BlockNotFoundError, match="sharded across processes"):
+        find_value_block(model)
