@@ -151,6 +151,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"colm: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from .train import NonFiniteLossError
+
+        # training diverged (NaN / inf): the message says where the last good state is
+        if not isinstance(e, NonFiniteLossError) or os.environ.get("COLM_DEBUG"):
+            raise
+        print(f"colm: error: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

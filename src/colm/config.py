@@ -7,18 +7,34 @@ name the key, the value and what would be valid.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .features.locate import VALUE_PROJECTIONS
 from .integrations.hf_trainer import TRAIN_METHODS
 from .selector import SelectorConfig
 
-
 class ConfigError(ValueError):
     """A configuration value is invalid."""
+
+
+def _bad(key: str, value: Any, valid: str):
+    raise ConfigError(f"{key}={value!r} is invalid; expected {valid}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass
@@ -82,54 +98,134 @@ class RunConfig:
     eval: EvalSettings = field(default_factory=EvalSettings)
 
     def selector_config(self) -> SelectorConfig:
+        sel = self.selector
+        if not isinstance(sel, Mapping):
+            _bad("selector", sel, "a mapping of SelectorConfig fields")
+        # values whose wrong type SelectorConfig would report confusingly
+        if "ratio" in sel and not _is_number(sel["ratio"]):
+            _bad("selector.ratio", sel["ratio"], "a number in (0, 1]")
         try:
-            return SelectorConfig(
-                **{**self.selector, "seed": self.selector.get("seed", self.train.seed)}
-            )
+            return SelectorConfig(**{**sel, "seed": sel.get("seed", self.train.seed)})
         except TypeError as e:
             valid = [f.name for f in dataclasses.fields(SelectorConfig)]
             raise ConfigError(f"selector: {e}; valid keys: {valid}") from e
         except ValueError as e:
-            raise ConfigError(f"selector: {e}") from e
+            # "SelectorConfig.ratio=0 is invalid; ..." -> "selector.ratio: SelectorConfig.ratio=0 ..."
+            m = re.match(r"SelectorConfig\.(\w+)=", str(e))
+            where = f"selector.{m.group(1)}" if m else "selector"
+            raise ConfigError(f"{where}: {e}") from e
 
     def validate(self) -> None:
+        """Check every value that can be checked without the data or the model."""
         t, d = self.train, self.data
-
-        def bad(key, value, valid):
-            raise ConfigError(f"{key}={value!r} is invalid; expected {valid}")
+        bad = _bad
 
         if t.method not in TRAIN_METHODS:
             bad("train.method", t.method, f"one of {TRAIN_METHODS}")
         for key in ("steps", "source_batch", "micro_batches", "logging_steps", "save_steps"):
             v = getattr(t, key)
-            if not isinstance(v, int) or v < 1:
+            if not _is_int(v) or v < 1:
                 bad(f"train.{key}", v, "an integer >= 1")
+        if t.micro_batches > t.source_batch:
+            bad(
+                "train.micro_batches",
+                t.micro_batches,
+                f"at most train.source_batch ({t.source_batch}): each micro-batch needs examples",
+            )
         if t.source_batch % t.micro_batches:
             bad(
                 "train.source_batch",
                 t.source_batch,
                 f"a multiple of train.micro_batches ({t.micro_batches})",
             )
-        if not (isinstance(t.lr, (int, float)) and t.lr > 0):
+        if not (_is_number(t.lr) and t.lr > 0):
             bad("train.lr", t.lr, "a number > 0")
-        if not (0 <= t.warmup_ratio < 1):
+        if not (_is_number(t.warmup_ratio) and 0 <= t.warmup_ratio < 1):
             bad("train.warmup_ratio", t.warmup_ratio, "a number in [0, 1)")
-        if not isinstance(d.max_length, int) or d.max_length < 8:
+        if not _is_int(d.max_length) or d.max_length < 8:
             bad("data.max_length", d.max_length, "an integer >= 8")
         if d.overflow not in ("truncate", "drop"):
             bad("data.overflow", d.overflow, "'truncate' or 'drop'")
         if d.path is not None and not Path(d.path).exists():
             bad("data.path", d.path, "an existing JSONL / CSV / Parquet file")
-        if self.model.lora is not None and self.model.lora.r < 1:
-            bad("model.lora.r", self.model.lora.r, "an integer >= 1")
+        if not isinstance(d.source_column, str) or not d.source_column:
+            bad("data.source_column", d.source_column, "the name of the column holding the source")
+        self._validate_lora()
+
         sel = self.selector_config()
+        if sel.size is not None and sel.size > t.source_batch:
+            bad(
+                "selector.size",
+                sel.size,
+                f"a coreset size <= train.source_batch ({t.source_batch}), the batch it is "
+                "picked from (or null to use selector.ratio)",
+            )
         coreset = sel.coreset_size(t.source_batch)
         if coreset < t.micro_batches:
+            key = "selector.size" if sel.size is not None else "selector.ratio"
             bad(
-                "selector.ratio",
-                sel.ratio,
+                key,
+                sel.size if sel.size is not None else sel.ratio,
                 f"a coreset ({coreset}) of at least train.micro_batches ({t.micro_batches}) examples",
             )
+        small = sel.small_sources
+        if isinstance(small, numbers.Real):
+            if isinstance(small, bool) or not _is_number(small) or small <= 0:
+                bad(
+                    "selector.small_sources",
+                    small,
+                    "'below_mean', a number c > 0 (small: count < total / c), or a list of "
+                    "source names",
+                )
+        elif not isinstance(small, str) and (
+            not isinstance(small, (list, tuple)) or not all(isinstance(x, str) for x in small)
+        ):
+            bad(
+                "selector.small_sources",
+                small,
+                "'below_mean', a number c > 0, or a list of source names (strings)",
+            )
+
+    def _validate_lora(self) -> None:
+        lo = self.model.lora
+        if lo is None:
+            return
+        if not _is_int(lo.r) or lo.r < 1:
+            _bad("model.lora.r", lo.r, "an integer >= 1")
+        targets = lo.targets
+        if (
+            not isinstance(targets, list)
+            or not targets
+            or not all(isinstance(x, str) and x for x in targets)
+        ):
+            _bad("model.lora.targets", targets, "a non-empty list of module names, e.g. ['v_proj']")
+        # colm's features are gradients of the last block's value projection (its LoRA B
+        # matrix with LoRA); PEFT matches a target by the end of the module's name
+        if self.train.method == "colm" and "all-linear" not in targets:
+            names = {x.rsplit(".", 1)[-1] for x in targets}
+            if not names & set(VALUE_PROJECTIONS):
+                _bad(
+                    "model.lora.targets",
+                    targets,
+                    "a list that includes the value projection, whose LoRA gradient "
+                    "train.method='colm' uses as the selection feature: one of "
+                    f"{list(VALUE_PROJECTIONS)} (e.g. 'v_proj' for Llama/SmolLM2, 'c_attn' "
+                    "for GPT-2, 'qkv_proj' for Phi-3, 'query_key_value' for GPT-NeoX)",
+                )
+
+    def validate_data(self, source_counts: Mapping[str, int]) -> None:
+        """Checks that need the training data (examples per source), made right after
+        loading it and before the model is loaded."""
+        small = self.selector.get("small_sources") if isinstance(self.selector, Mapping) else None
+        if isinstance(small, (list, tuple)):
+            unknown = sorted(set(small) - set(source_counts))
+            if unknown:
+                _bad(
+                    "selector.small_sources",
+                    list(small),
+                    f"names of sources in the training data {sorted(source_counts)}; "
+                    f"not in the data: {unknown}",
+                )
 
 
 def _build(cls, data: Any, prefix: str):

@@ -8,20 +8,36 @@ selector state), ``adapter/`` (the final adapter), ``selector.pt``,
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
+import random
 import resource
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from .config import RunConfig, save_config
+from .config import ConfigError, RunConfig, save_config
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped: a step's loss or gradients were not finite (NaN / inf).
+
+    ``step`` is the step whose update was not applied; ``checkpoint`` the folder
+    holding the last good state (after step ``step - 1``)."""
+
+    def __init__(self, message: str, step: int, checkpoint: str | None):
+        super().__init__(message)
+        self.step = step
+        self.checkpoint = checkpoint
 
 
 def _log(msg: str) -> None:
@@ -43,9 +59,37 @@ def load_data(cfg: RunConfig) -> tuple[list[dict], list[dict], list[dict]]:
         completion_field=d.completion_field,
         messages_field=d.messages_field,
     )
-    train = load_records(d.path, **kw)
-    test = load_records(d.test_path, **kw) if d.test_path else []
+
+    def load(path):
+        try:
+            return load_records(path, **kw)
+        except ValueError as e:
+            _check_source_column(path, d.source_column, e)
+            raise
+
+    train = load(d.path)
+    test = load(d.test_path) if d.test_path else []
     return train, test, []
+
+
+def _check_source_column(path, column: str, error: Exception) -> None:
+    """After a failed load: a ConfigError if no example of ``path`` has ``column`` at all
+    (a wrong data.source_column rather than a bad row)."""
+    from .data.loading import _rows_from
+
+    try:
+        rows, _ = _rows_from(path)
+        # the reader's rows are (line number, row) pairs (plain rows in older versions)
+        rows = [r[-1] if isinstance(r, tuple) else r for r in rows]
+    except Exception:  # the file itself is the problem: keep the loader's error
+        return
+    if not rows or any(isinstance(r, Mapping) and column in r for r in rows):
+        return
+    columns = sorted({str(k) for r in rows[:1000] if isinstance(r, Mapping) for k in r})
+    raise ConfigError(
+        f"data.source_column={column!r} is invalid; expected one of the columns of {path} "
+        f"({columns}), the one that names each example's source (sub-dataset)"
+    ) from error
 
 
 def build_model(cfg: RunConfig):
@@ -55,10 +99,39 @@ def build_model(cfg: RunConfig):
     if cfg.model.lora is not None:
         lo = cfg.model.lora
         torch.manual_seed(cfg.train.seed)  # LoRA initialisation
-        model = add_lora(
-            model, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=lo.targets
-        )
+        try:
+            model = add_lora(
+                model, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=lo.targets
+            )
+        except ValueError as e:  # PEFT: targets not found in the model, ...
+            raise ConfigError(
+                f"model.lora.targets={lo.targets!r} is invalid for {cfg.model.name}; expected "
+                f"names of modules of the model ({e})"
+            ) from e
     return model, tokenizer
+
+
+def check_feature_block(cfg: RunConfig, model) -> None:
+    """For train.method='colm': the built model must have the block whose gradient is the
+    selection feature (with LoRA: LoRA on the last block's value projection)."""
+    if cfg.train.method != "colm":
+        return
+    from .features.locate import BlockNotFoundError, find_value_block
+
+    try:
+        find_value_block(model)
+    except BlockNotFoundError as e:
+        if cfg.model.lora is not None:
+            raise ConfigError(
+                f"model.lora.targets={cfg.model.lora.targets!r} is invalid for "
+                f"{cfg.model.name}; expected LoRA on the value projection of the last "
+                f"transformer block, whose gradient train.method='colm' uses as the "
+                f"selection feature: {e}"
+            ) from e
+        raise ConfigError(
+            f"model.name={cfg.model.name!r} is invalid for train.method='colm'; expected a "
+            f"model whose last block's value projection can be located: {e}"
+        ) from e
 
 
 class _MetricsWriter(TrainerCallback):
@@ -112,6 +185,151 @@ class _StopOnSignal(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class _StopOnNonFinite(TrainerCallback):
+    """Stops training at the first step whose loss or gradients are not finite.
+
+    Runs in ``on_pre_optimizer_step``: after the step's backward passes, gradient
+    clipping and (under DDP) the all-reduce of the gradients, before the optimizer
+    applies the update. If the step's loss or any trainable parameter's gradient is
+    NaN / inf, the update is never applied: the callback saves a checkpoint of the
+    last good state (parameters, optimizer, scheduler and trainer state after the
+    previous step, with the RNG and selector state as they were then, so that the
+    checkpoint equals the one a periodic save would have written) with the
+    trainer's own saving, and raises :class:`NonFiniteLossError`.
+    """
+
+    def __init__(self, run: Path, lr: float):
+        self.trainer = None  # set once the trainer exists
+        self.run = run
+        self.lr = lr
+        self.step = 0  # the step in progress, 1-based
+        self._snapshot: dict[str, Any] | None = None
+
+    # -- the state a checkpoint after the last completed step would hold ------------
+    def _take(self) -> dict[str, Any]:
+        snap: dict[str, Any] = {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "cpu": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            snap["cuda"] = torch.cuda.get_rng_state_all()
+        selector = getattr(self.trainer, "colm_selector", None)
+        if selector is not None:
+            snap["selector"] = copy.deepcopy(selector.state_dict())
+        return snap
+
+    def _restore(self, snap: dict[str, Any]) -> None:
+        random.setstate(snap["python"])
+        np.random.set_state(snap["numpy"])
+        torch.set_rng_state(snap["cpu"])
+        if "cuda" in snap:
+            torch.cuda.set_rng_state_all(snap["cuda"])
+        if "selector" in snap:
+            self.trainer.colm_selector.load_state_dict(snap["selector"])
+
+    def on_train_begin(self, args, state, control, **kw):
+        self._snapshot = self._take()
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.step = state.global_step + 1
+
+    def on_step_end(self, args, state, control, **kw):
+        self._snapshot = self._take()
+
+    # -- the check -------------------------------------------------------------------
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+        model = model if model is not None else self.trainer.model
+        grads = [(n, p.grad) for n, p in model.named_parameters() if p.requires_grad]
+        grads = [(n, g) for n, g in grads if g is not None]
+        loss = getattr(self.trainer, "_tr_loss", None)  # summed since the last log
+        device = grads[0][1].device if grads else torch.device("cpu")
+        flags = [(~torch.isfinite(g)).any().to(device) for _, g in grads]
+        grad_bad = torch.stack(flags).any() if flags else torch.zeros((), device=device)
+        loss_bad = (
+            (~torch.isfinite(loss)).any().to(device)
+            if isinstance(loss, torch.Tensor)
+            else torch.zeros((), dtype=torch.bool, device=device)
+        )
+        verdict = torch.stack([grad_bad, loss_bad]).to(torch.float32)
+        if (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+        ):
+            # the gradients are already all-reduced; the loss is per rank
+            torch.distributed.all_reduce(verdict, op=torch.distributed.ReduceOp.MAX)
+        if not bool(verdict.any()):  # the one host sync per step
+            return
+        step = state.global_step + 1
+        what = []
+        if bool(verdict[1]):
+            what.append("the training loss is not finite")
+        if bool(verdict[0]):
+            bad = [n for n, g in grads if not bool(torch.isfinite(g).all())]
+            what.append(
+                f"{len(bad)} of {len(grads)} trainable parameters have non-finite gradients"
+                + (f" (e.g. {bad[0]})" if bad else "")
+            )
+        checkpoint = self._save_last_good(args, state)
+        if checkpoint is not None:
+            good = f"after step {step - 1}" if step > 1 else "before training"
+            where = (
+                f"The last good state ({good}; the bad update was not applied) is saved in "
+                f"{checkpoint}; continue from it with: colm train --resume {self.run}"
+            )
+        else:
+            where = "No checkpoint was saved"
+        raise NonFiniteLossError(
+            f"training stopped at step {step}: the loss / gradients were non-finite (NaN or "
+            f"inf): {'; '.join(what)}. {where}. What to try: a lower train.lr (now "
+            f"{self.lr:g}; train again from the start, since a resumed run keeps its learning "
+            f"rate schedule); check the training data of step {step} (empty, very long or "
+            f"broken examples); train in fp32 rather than fp16 / bf16.",
+            step=step,
+            checkpoint=checkpoint,
+        )
+
+    def _save_last_good(self, args, state) -> str | None:
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        from .integrations.hf_trainer import COMPLETE_MARKER
+
+        trainer = self.trainer
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if os.path.exists(os.path.join(folder, COMPLETE_MARKER)):
+            return folder  # the periodic save of the last good step
+        if self._snapshot is not None:
+            self._restore(self._snapshot)
+        # the trainer's own saving (adapter / model, optimizer, scheduler, RNG, trainer
+        # state; CoLMTrainerMixin adds the selector and, last, the colm_complete marker)
+        try:
+            trainer._save_checkpoint(trainer.model, trial=None)
+        except Exception as e:  # still report the non-finite step, which is the cause
+            _log(f"could not save the last good state to {folder}: {type(e).__name__}: {e}")
+            return None
+        return folder
+
+
+def _install_nan_fault(model, guard: _StopOnNonFinite) -> None:
+    """Fault injection for the tests: ``COLM_FAULT_NAN_AT_STEP=k`` makes the training
+    loss (and logits) of step ``k`` NaN. Selection runs in eval mode and is untouched."""
+    at = os.environ.get("COLM_FAULT_NAN_AT_STEP")
+    if not at:
+        return
+    k = int(at)
+
+    def hook(module, args, output):
+        if module.training and guard.step == k:
+            for key in ("loss", "logits"):
+                value = output.get(key) if isinstance(output, Mapping) else None
+                if isinstance(value, torch.Tensor):
+                    output[key] = value * float("nan")
+        return output
+
+    model.register_forward_hook(hook)
+
+
 def _keep_metrics_until(path: Path, step: int) -> float:
     """Keep the metrics lines of steps <= ``step`` (a resumed run rewrites the rest);
     returns the wall time reached by then. Unreadable (partial) lines are dropped."""
@@ -144,9 +362,10 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
     optimizer and RNG state as the uninterrupted run)."""
     from transformers import TrainingArguments
 
-    from .data import CoLMCollator, tokenize_records
+    from .data import CoLMCollator, source_counts, tokenize_records
     from .integrations.hf_trainer import CoLMTrainer
 
+    cfg.validate()  # a RunConfig built in code has not been through load_config
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     run = Path(cfg.output_dir)
@@ -171,7 +390,9 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
 
     _log(f"run directory {run}")
     train_records, _, _ = load_data(cfg)
+    cfg.validate_data(source_counts(train_records))  # before the model is loaded
     model, tokenizer = build_model(cfg)
+    check_feature_block(cfg, model)  # before training starts
     examples, report = tokenize_records(
         train_records, tokenizer, max_length=cfg.data.max_length, overflow=cfg.data.overflow
     )
@@ -196,8 +417,10 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
         data_seed=t.seed,
         remove_unused_columns=False,
         dataloader_drop_last=True,
+        logging_nan_inf_filter=False,  # a non-finite loss must reach _StopOnNonFinite
         use_cpu=not torch.cuda.is_available(),
     )
+    guard = _StopOnNonFinite(run, t.lr)
     trainer = CoLMTrainer(
         model=model,
         args=args,
@@ -206,8 +429,10 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
         processing_class=tokenizer,
         colm_config=selector_cfg,
         colm_method=t.method,
-        callbacks=[_MetricsWriter(metrics, time_offset), _StopOnSignal()],
+        callbacks=[_MetricsWriter(metrics, time_offset), _StopOnSignal(), guard],
     )
+    guard.trainer = trainer
+    _install_nan_fault(model, guard)
     _log(
         f"training {t.method}: {t.steps} steps, source batch {t.source_batch}, coreset "
         f"{selector_cfg.coreset_size(t.source_batch) if t.method in ('colm', 'random') else t.source_batch}"

@@ -39,6 +39,10 @@ _FUSED_QKV = {
 }
 
 
+# every name the locator accepts as a value projection (for config checks)
+VALUE_PROJECTIONS = (*_SEPARATE_V, *_FUSED_QKV)
+
+
 class BlockNotFoundError(ValueError):
     """The value projection of the last block could not be located or is unusable."""
 
