@@ -220,3 +220,36 @@ def test_nonfinite_loss_example_is_excluded_and_moments_stay_finite(batch):
     assert torch.isfinite(sel.normalizer.m).all() and torch.isfinite(sel.normalizer.v).all()
     second = sel.select(model, poisoned)  # warned once only; still excluded
     assert victim not in second.indices.tolist()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("[enforce fail at alloc_cpu.cpp] DefaultCPUAllocator: can't allocate memory"),
+    ],
+)
+@pytest.mark.parametrize("feature", ["zo", "exact"])
+def test_out_of_memory_in_selection_names_the_setting(model, batch, monkeypatch, error, feature):
+    from colm import SelectionOutOfMemoryError
+
+    def boom(self, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(GradientFeatures, "compute", boom)
+    sel = CoresetSelector(SelectorConfig(ratio=0.5, feature=feature, chunk_size=3), COUNTS)
+    with pytest.raises(SelectionOutOfMemoryError, match=r"lower the selector's chunk_size \(now 3"):
+        sel.select(model, batch)
+    if feature == "exact":
+        with pytest.raises(SelectionOutOfMemoryError, match="feature='zo'"):
+            sel.select(model, batch)
+
+
+def test_other_runtime_errors_in_selection_are_not_called_out_of_memory(model, batch, monkeypatch):
+    def boom(self, *args, **kwargs):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(GradientFeatures, "compute", boom)
+    sel = CoresetSelector(SelectorConfig(ratio=0.5), COUNTS)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        sel.select(model, batch)

@@ -2,7 +2,7 @@
 
 from .facility import FacilityLocationResult, facility_location, pairwise_distances
 from .features import BlockNotFoundError, ValueBlock, find_value_block
-from .selector import CoresetSelector, Selection, SelectorConfig
+from .selector import CoresetSelector, Selection, SelectionOutOfMemoryError, SelectorConfig
 from .sources import allocate_budget, find_small_sources
 
 __version__ = "0.1.0"
@@ -12,6 +12,7 @@ __all__ = [
     "CoresetSelector",
     "FacilityLocationResult",
     "Selection",
+    "SelectionOutOfMemoryError",
     "SelectorConfig",
     "ValueBlock",
     "allocate_budget",

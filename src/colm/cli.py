@@ -152,10 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"colm: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
+        from .selector import SelectionOutOfMemoryError
         from .train import NonFiniteLossError
 
-        # training diverged (NaN / inf): the message says where the last good state is
-        if not isinstance(e, NonFiniteLossError) or os.environ.get("COLM_DEBUG"):
+        # training diverged (NaN / inf): the message says where the last good state is;
+        # selection ran out of memory: the message names the setting to lower
+        known = (NonFiniteLossError, SelectionOutOfMemoryError)
+        if not isinstance(e, known) or os.environ.get("COLM_DEBUG"):
             raise
         print(f"colm: error: {e}", file=sys.stderr)
         return 3

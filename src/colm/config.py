@@ -21,6 +21,7 @@ from .features.locate import VALUE_PROJECTIONS
 from .integrations.hf_trainer import TRAIN_METHODS
 from .selector import SelectorConfig
 
+
 class ConfigError(ValueError):
     """A configuration value is invalid."""
 

@@ -165,6 +165,17 @@ class Selection:
         return out
 
 
+class SelectionOutOfMemoryError(RuntimeError):
+    """Selection ran out of memory; the message names the setting to lower."""
+
+
+def _is_oom(error: BaseException) -> bool:
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(error)
+    return "out of memory" in text or "can't allocate memory" in text
+
+
 def _batch_sources(batch: Mapping[str, Any]) -> list[str]:
     if "source" not in batch:
         raise KeyError(
@@ -395,6 +406,20 @@ class CoresetSelector:
             local = feats.compute(
                 ids, am, labels, cfg.feature, directions, cfg.eps, lifted=not info.active
             )
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+            if not _is_oom(e):
+                raise
+            raise SelectionOutOfMemoryError(
+                f"out of memory computing {cfg.feature!r} features for {len(mine)} examples in "
+                f"chunks of {feats.chunk_size}: lower the selector's chunk_size (now "
+                f"{feats.chunk_size}; selector.chunk_size in a run config)"
+                + (
+                    ""
+                    if cfg.feature == "zo"
+                    else ", or use feature='zo', which needs no backward pass"
+                )
+                + "; the selection memory grows with chunk_size x sequence length"
+            ) from e
         finally:
             for m, mode in modes:
                 m.training = mode
