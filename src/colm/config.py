@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,11 @@ import yaml
 from .features.locate import VALUE_PROJECTIONS
 from .integrations.hf_trainer import TRAIN_METHODS
 from .selector import SelectorConfig
+
+
+def _world_size() -> int:
+    """Processes of a data-parallel launch (torchrun / accelerate launch set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 class ConfigError(ValueError):
@@ -133,11 +139,13 @@ class RunConfig:
                 t.micro_batches,
                 f"at most train.source_batch ({t.source_batch}): each micro-batch needs examples",
             )
-        if t.source_batch % t.micro_batches:
+        world = _world_size()
+        if t.source_batch % (t.micro_batches * world):
             bad(
                 "train.source_batch",
                 t.source_batch,
-                f"a multiple of train.micro_batches ({t.micro_batches})",
+                f"a multiple of train.micro_batches ({t.micro_batches})"
+                + (f" x {world} processes" if world > 1 else ""),
             )
         if not (_is_number(t.lr) and t.lr > 0):
             bad("train.lr", t.lr, "a number > 0")
@@ -168,6 +176,14 @@ class RunConfig:
                 key,
                 sel.size if sel.size is not None else sel.ratio,
                 f"a coreset ({coreset}) of at least train.micro_batches ({t.micro_batches}) examples",
+            )
+        if t.method in ("colm", "random") and coreset % world:
+            key = "selector.size" if sel.size is not None else "selector.ratio"
+            bad(
+                key,
+                sel.size if sel.size is not None else sel.ratio,
+                f"a coreset ({coreset} examples) that is a multiple of the {world} processes, "
+                "so that every process trains on an equal share",
             )
         small = sel.small_sources
         if isinstance(small, numbers.Real):

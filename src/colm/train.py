@@ -41,7 +41,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 def _log(msg: str) -> None:
-    print(f"colm: {msg}", file=sys.stderr, flush=True)
+    if _is_main_process():
+        print(f"colm: {msg}", file=sys.stderr, flush=True)
 
 
 def load_data(cfg: RunConfig) -> tuple[list[dict], list[dict], list[dict]]:
@@ -158,6 +159,16 @@ class _MetricsWriter(TrainerCallback):
             os.fsync(f.fileno())
 
 
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _is_main_process() -> bool:
+    """Rank 0 under torchrun / accelerate launch (the launchers set RANK), else True."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 class _StopOnSignal(TrainerCallback):
     """On SIGTERM / SIGINT, finish the current step, save a checkpoint and stop."""
 
@@ -173,7 +184,13 @@ class _StopOnSignal(TrainerCallback):
         _log(f"received signal {signum}: saving a checkpoint after this step, then stopping")
 
     def on_step_end(self, args, state, control, **kw):
-        if self.received is not None:
+        stop = self.received is not None
+        if _world_size() > 1:
+            # the signal reaches the ranks at different moments: all stop at the same step
+            flag = torch.tensor([float(stop)])
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if stop:
             control.should_save = True
             control.should_training_stop = True
 
@@ -371,6 +388,7 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
     run = Path(cfg.output_dir)
     run.mkdir(parents=True, exist_ok=True)
     metrics = run / "metrics.jsonl"
+    main = _is_main_process()  # under torchrun, only rank 0 writes run files
     checkpoint, time_offset = None, 0.0
     if resume:
         from .integrations.hf_trainer import last_complete_checkpoint
@@ -380,9 +398,10 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
         if checkpoint is None:
             raise FileNotFoundError(f"{run} has no complete checkpoint to resume from ({folder})")
         step = int(checkpoint.rsplit("-", 1)[1])
-        time_offset = _keep_metrics_until(metrics, step)
+        if main:
+            time_offset = _keep_metrics_until(metrics, step)
         _log(f"resuming from {checkpoint}")
-    else:
+    elif main:
         save_config(cfg, run / "config.yaml")
         if metrics.exists():
             metrics.unlink()
@@ -396,13 +415,16 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
     examples, report = tokenize_records(
         train_records, tokenizer, max_length=cfg.data.max_length, overflow=cfg.data.overflow
     )
-    (run / "data_report.json").write_text(json.dumps(report.as_dict(), indent=1))
-    _log(report.summary())
+    if main:
+        (run / "data_report.json").write_text(json.dumps(report.as_dict(), indent=1))
+        _log(report.summary())
 
     t = cfg.train
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
     args = TrainingArguments(
         output_dir=str(run / "checkpoints"),
-        per_device_train_batch_size=t.source_batch // t.micro_batches,
+        # train.source_batch is the global source batch, whatever the number of processes
+        per_device_train_batch_size=t.source_batch // (t.micro_batches * world),
         gradient_accumulation_steps=t.micro_batches,
         max_steps=t.steps,
         learning_rate=t.lr,
@@ -442,6 +464,8 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
         _log(
             f"stopped at step {trainer.state.global_step}; continue with: colm train --resume {run}"
         )
+        return run
+    if not trainer.is_world_process_zero():
         return run
     model.save_pretrained(run / "adapter")
     tokenizer.save_pretrained(run / "adapter")

@@ -168,3 +168,61 @@ def test_a_sharded_value_block_is_refused_by_the_locator():
     block.parameter.ds_numel = block.parameter.numel()  # what ZeRO-3 attaches
     with pytest.raises(BlockNotFoundError, match="sharded across processes"):
         find_value_block(model)
+
+
+def _cli(tmp_path: Path, model_dir: Path, name: str, processes: int) -> Path:
+    import yaml
+
+    run = tmp_path / name
+    cfg = {
+        "name": name,
+        "output_dir": str(run),
+        "model": {"name": str(model_dir), "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+        "data": {
+            "max_length": 96,
+            "mixture": {
+                "train": {"basic_arithmetic": 40, "chain_sum": 30, "gcd": 6, "lcm": 4},
+                "test_per_source": 2,
+                "ood": {"products": 2},
+            },
+        },
+        "train": {"steps": 3, "source_batch": 8, "micro_batches": 2, "save_steps": 2},
+        "selector": {"num_directions": 2},
+        "eval": {"enabled": False},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={processes}", "-m", "colm.cli", "train", str(path),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"colm train on {processes} processes hung: {e}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return run
+
+
+def test_colm_train_cli_under_torchrun_matches_one_process(tmp_path, tiny_model_dir):
+    """`torchrun --nproc_per_node 2 -m colm.cli train CONFIG`: train.source_batch is the
+    global batch; rank 0 alone writes the run files; the result equals 1 process."""
+    from safetensors.torch import load_file
+
+    one = _cli(tmp_path, tiny_model_dir, "one", 1)
+    two = _cli(tmp_path, tiny_model_dir, "two", 2)
+    lines = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3]  # one line per step
+    assert [x["colm/processes"] for x in lines if "loss" in x] == [2, 2, 2]
+    for key in ("loss", "colm/basic_arithmetic/selected", "colm/gcd/kept"):
+        assert [x.get(key, 0) for x in lines if "loss" in x] == pytest.approx(
+            [x.get(key, 0) for x in ref if "loss" in x], abs=1e-5
+        )
+    a = load_file(one / "adapter" / "adapter_model.safetensors")
+    b = load_file(two / "adapter" / "adapter_model.safetensors")
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert float((a[name] - b[name]).abs().max()) < 1e-5, name
+    assert (two / "checkpoints" / "checkpoint-2" / "colm_complete").exists()
