@@ -105,6 +105,52 @@ def test_medoids_are_facility_location_on_normalised_sparsified_features(model, 
     assert sel.normalizer.step == 1
 
 
+@pytest.mark.parametrize("weights", ["uniform", "cluster"])
+def test_match_method_is_gradient_matching_on_the_same_features(model, batch, weights):
+    """Slow twin of one method="match" step: the same features as colm, then
+    gradient_match per big source (fitted weights with weights="cluster")."""
+    from colm.matching import gradient_match
+
+    sel = make_selector(method="match", feature="exact", topk_dims=7, weights=weights)
+    got = sel.select(model, batch)
+    src = batch["source"]
+    big = [i for i, s in enumerate(src) if s.startswith("big")]
+    feats = GradientFeatures(model).compute(
+        batch["input_ids"][big], batch["attention_mask"][big], batch["labels"][big], "exact"
+    )
+    f = AdamNormalizer().normalize(feats)
+    small = [i for i, s in enumerate(src) if s.startswith("small")]
+    budget = allocate_budget({s: src.count(s) for s in ("big1", "big2", "big3")}, 9 - len(small))
+    expected = {i: 1.0 for i in small}
+    for s in ("big1", "big2", "big3"):
+        rows = [r for r, i in enumerate(big) if src[i] == s]
+        fs = f[rows]
+        fs = fs[:, top_dims(fs, 7)]
+        m = gradient_match(fs, budget[s], weights="fit" if weights == "cluster" else "uniform")
+        for p, w in zip(m.indices.tolist(), m.weights.tolist()):
+            expected[big[rows[p]]] = w if weights == "cluster" else 1.0
+    assert got.indices.tolist() == sorted(expected)
+    torch.testing.assert_close(got.weights, torch.tensor([expected[i] for i in sorted(expected)]))
+    fl = make_selector(feature="exact", topk_dims=7, weights=weights).select(model, batch)
+    # not facility location in disguise
+    assert got.indices.tolist() != fl.indices.tolist() or not torch.equal(got.weights, fl.weights)
+
+
+def test_random_big_keeps_small_sources_and_budgets_without_features(model, batch, monkeypatch):
+    def no_features(self, *args, **kwargs):
+        raise AssertionError("random_big must not compute features")
+
+    colm = make_selector().select(model, batch)
+    monkeypatch.setattr(GradientFeatures, "compute", no_features)
+    picks = set()
+    for seed in range(4):
+        sel = make_selector(method="random_big", seed=seed).select(model, batch)
+        assert sel.stats["sources"] == colm.stats["sources"]  # same kept / per-source counts
+        assert torch.equal(sel.weights, torch.ones(len(sel.indices)))
+        picks.add(tuple(sel.indices.tolist()))
+    assert len(picks) > 1  # random within the sources
+
+
 def test_small_sources_over_budget_random_subset_recorded(model):
     srcs = ["small1"] * 6 + ["small2"] * 4 + ["big1"] * 2
     batch = make_batch(n=12, sources=srcs, seed=3)

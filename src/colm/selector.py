@@ -23,9 +23,10 @@ from torch import nn
 from . import distributed
 from .facility import facility_location
 from .features import AdamNormalizer, GradientFeatures, draw_directions, lift, top_dims
+from .matching import gradient_match
 from .sources import allocate_budget, find_small_sources
 
-METHODS = ("colm", "random")
+METHODS = ("colm", "random", "match", "random_big")
 FEATURES = ("zo", "exact")
 METRICS = ("l1", "l2", "cosine")
 WEIGHTS = ("uniform", "cluster")
@@ -38,8 +39,13 @@ class SelectorConfig:
     Attributes:
         ratio: coreset size = round(ratio x source batch size), in (0, 1].
         size: fixed coreset size; overrides ``ratio`` when set.
-        method: ``"colm"`` (the method) or ``"random"`` (uniform random subset
-            of the same size: the baseline).
+        method: ``"colm"`` (the method: facility-location medoids of the big
+            sources), ``"random"`` (uniform random subset of the same size: the
+            baseline), ``"match"`` (as colm, but the big sources' examples are
+            chosen to match the source's mean feature, GradMatch-style, see
+            :mod:`colm.matching`; with ``weights="cluster"`` the weights are fitted)
+            or ``"random_big"`` (small sources kept and the same per-source
+            budgets as colm, big-source examples drawn at random: no features).
         small_sources: which sources are kept whole: ``"below_mean"`` (count
             below the mean source size), a number c (count < total / c), or an
             explicit list of names (``[]`` keeps none).
@@ -335,6 +341,12 @@ class CoresetSelector:
                 weight_of.update({i: 1.0 for i in ix})
         if not need:
             return weight_of
+        if cfg.method == "random_big":
+            # the features-free ablation: the budgets of colm, random picks within a source
+            for s, ix in need.items():
+                pick = torch.randperm(len(ix), generator=self.generator)[: budget[s]]
+                weight_of.update({ix[int(j)]: 1.0 for j in pick})
+            return weight_of
         if not cfg.per_source:
             need = {"*": sorted(i for ix in need.values() for i in ix)}
             budget = {"*": sum(budget[s] for s in groups if 0 < budget[s] < len(groups[s]))}
@@ -367,7 +379,11 @@ class CoresetSelector:
                 continue
             fs = f[r.to(f.device)]
             fs = fs[:, top_dims(fs, cfg.topk_dims)]
-            fl = facility_location(fs, k, metric=cfg.metric)
+            if cfg.method == "match":
+                fit = "fit" if cfg.weights == "cluster" else "uniform"
+                fl = gradient_match(fs, k, weights=fit)
+            else:
+                fl = facility_location(fs, k, metric=cfg.metric)
             for j, w in zip(fl.indices.tolist(), fl.weights.tolist()):
                 row = int(r[j])
                 chosen_rows.append(row)
