@@ -3,6 +3,7 @@
 from colm.data.answers import extract_answer, gold_entry, score, score_answer
 from colm.data.loading import (
     CoLMCollator,
+    DataError,
     TokenizationReport,
     load_records,
     source_counts,
@@ -20,6 +21,7 @@ from colm.data.mixture import (
 __all__ = [
     "ANSWER_PREFIX",
     "CoLMCollator",
+    "DataError",
     "Mixture",
     "MixtureSpec",
     "SourceSpec",
