@@ -1,0 +1,141 @@
+"""CoLMTrainer under DeepSpeed ZeRO-2 on CPU (DeepSpeed's CPU accelerator, gloo):
+2 processes select the same coresets and reach the same LoRA weights as 1 process,
+with and without DeepSpeed.
+
+Skipped where ``deepspeed`` is not installed. The first DeepSpeed launch on a machine
+JIT-compiles DeepSpeed's shared-memory comm op (needs a C++ compiler; cached in
+~/.cache/torch_extensions), hence the longer timeout.
+
+Run as a script, this file is the worker: tests/integrations/ddp_worker.py with
+``--zero N`` adding a DeepSpeed config to its TrainingArguments.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT = 600
+
+
+def _ds_config(stage: int) -> dict:
+    return {
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,  # the Trainer's torch AdamW, as without DS
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+    }
+
+
+def _worker() -> None:
+    """ddp_worker.main() with ``--zero N``; also writes engine<rank>.json (what DS ran)."""
+    sys.path.insert(0, str(ROOT))
+    from colm.integrations import hf_trainer
+    from tests.integrations import ddp_worker
+
+    argv = sys.argv[1:]
+    i = argv.index("--zero")
+    stage = int(argv[i + 1])
+    out = Path(argv[argv.index("--out") + 1])
+    sys.argv = [sys.argv[0], *argv[:i], *argv[i + 2 :]]
+
+    train = hf_trainer.CoLMTrainer.train
+
+    def recording_train(self, *args, **kwargs):
+        result = train(self, *args, **kwargs)
+        engine = self.model_wrapped
+        info = {
+            "deepspeed": bool(getattr(self, "is_deepspeed_enabled", False)),
+            "engine": type(engine).__name__,
+            "optimizer": type(getattr(engine, "optimizer", self.optimizer)).__name__,
+            "zero_stage": engine.zero_optimization_stage()
+            if hasattr(engine, "zero_optimization_stage")
+            else None,
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        rank = int(os.environ.get("RANK", "0"))
+        (out / f"engine{rank}.json").write_text(json.dumps(info))
+        return result
+
+    hf_trainer.CoLMTrainer.train = recording_train
+    if stage:
+        # the module as it is now: importing transformers.Trainer (above) can replace it
+        transformers = sys.modules["transformers"]
+        plain = transformers.TrainingArguments
+
+        def with_deepspeed(*args, **kwargs):
+            return plain(*args, **kwargs, deepspeed=_ds_config(stage))
+
+        transformers.TrainingArguments = with_deepspeed
+    ddp_worker.main()
+
+
+if __name__ == "__main__":
+    _worker()
+else:
+    import pytest
+    import torch
+
+    from tests.integrations.test_distributed import assert_same_run
+
+    pytestmark = pytest.mark.distributed
+
+    def launch(out: Path, processes: int, zero: int) -> list[dict]:
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={processes}", str(Path(__file__).resolve()), "--out", str(out),
+            "--mode", "trainer", "--steps", "4", "--micro", "8", "--zero", str(zero),
+        ]  # fmt: skip
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": str(ROOT),
+            "DS_ACCELERATOR": "cpu",
+        }
+        try:
+            proc = subprocess.run(
+                cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT
+            )
+        except subprocess.TimeoutExpired as e:
+            pytest.fail(f"{processes}-process ZeRO-{zero} run hung (> {TIMEOUT} s): {e}")
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        runs = []
+        for r in range(processes):
+            run = json.loads((out / f"rank{r}.json").read_text())
+            run["engine"] = json.loads((out / f"engine{r}.json").read_text())
+            runs.append(run)
+        return runs
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize("stage", [2])
+    def test_zero_two_processes_select_and_train_as_one(tmp_path, stage):
+        pytest.importorskip("deepspeed", reason="deepspeed is not installed")
+        plain = launch(tmp_path / "plain", 1, 0)[0]
+        one = launch(tmp_path / "one", 1, stage)[0]
+        two = launch(tmp_path / "two", 2, stage)
+        for run in (one, *two):
+            assert run["engine"] == {
+                "deepspeed": True,
+                "engine": "DeepSpeedEngine",
+                "optimizer": "DeepSpeedZeroOptimizer",
+                "zero_stage": stage,
+            }
+        assert plain["engine"]["deepspeed"] is False
+        assert two[0]["world"] == 2
+        assert [s["stats"]["processes"] for s in two[0]["steps"]] == [2, 2, 2, 2]
+        # ZeRO on 1 process is the plain run; on 2 processes it is 1 process
+        assert_same_run(plain, [one])
+        assert_same_run(one, two)
+        assert_same_run(plain, two)
+        # training moved the adapter (B starts at zero)
+        moved = [torch.tensor(v).abs().max() for k, v in plain["lora"].items() if "lora_B" in k]
+        assert all(float(m) > 0 for m in moved)
