@@ -85,12 +85,15 @@ class GradientFeatures:
         if kind == "zo" and (directions is None or directions.shape[1] != self.numel):
             raise ValueError(f"zo features need directions of shape [q, {self.numel}]")
         device = self.block.parameter.device
+        # chunks of rows of similar length, so that little of each chunk is padding
+        order = _by_length(attention_mask, labels)
         parts = []
         for sl in _chunks(input_ids.shape[0], self.chunk_size):
+            rows = order[sl]
             ids, am, lab = _trim(
-                input_ids[sl].to(device),
-                attention_mask[sl].to(device) if attention_mask is not None else None,
-                labels[sl].to(device),
+                input_ids[rows].to(device),
+                attention_mask[rows].to(device) if attention_mask is not None else None,
+                labels[rows].to(device),
             )
             captured = self.replay.capture(ids, am)
             if kind == "zo":
@@ -100,9 +103,21 @@ class GradientFeatures:
                 parts.append(exact_gradients(self.replay, captured, lab)[0])
             del captured
         if parts:
-            return torch.cat(parts)
+            out = torch.empty_like(torch.cat(parts))
+            out[order.to(out.device)] = torch.cat(parts)
+            return out
         width = self.numel if kind == "exact" or lifted else directions.shape[0]
         return torch.zeros(0, width, device=device)
+
+
+def _by_length(attention_mask, labels) -> torch.Tensor:
+    """Row order by the last used column (stable), for length-grouped chunks."""
+    used = labels != IGNORE_INDEX
+    if attention_mask is not None:
+        used = used | attention_mask.bool()
+    cols = torch.arange(1, used.shape[1] + 1, device=used.device)
+    last = (used * cols).amax(1) if used.shape[1] else torch.zeros(used.shape[0])
+    return torch.sort(last.cpu(), stable=True).indices
 
 
 def _row(t, n):
