@@ -106,6 +106,17 @@ def test_trainer_two_processes_select_train_and_resume_as_one(tmp_path):
 
 
 @pytest.mark.slow
+def test_trainer_cluster_weights_two_processes_as_one(tmp_path):
+    """Weighted loss under DDP: each rank's share is normalised by the whole coreset's
+    weighted token count."""
+    args = ["--mode", "trainer", "--steps", "3", "--micro", "8", "--weights", "cluster"]
+    one = launch(tmp_path / "one", 1, *args)[0]
+    two = launch(tmp_path / "two", 2, *args)
+    assert any(w != 1.0 for s in one["steps"] for w in s["weights"])
+    assert_same_run(one, two)
+
+
+@pytest.mark.slow
 def test_loop_two_processes_exact_cluster_weights_as_one(tmp_path):
     args = ["--mode", "loop", "--steps", "3", "--feature", "exact", "--weights", "cluster"]
     one = launch(tmp_path / "one", 1, *args)[0]
