@@ -144,6 +144,15 @@ def parse_variants(text: str) -> list[str]:
 # --------------------------------------------------------------------------- running
 
 
+def run_order(plan: list[tuple[str, list[int]]]) -> list[tuple[str, int]]:
+    """(variant, seeds) -> the (variant, seed) runs in the order to run them: the
+    default variants first and seed-major (an interrupted benchmark leaves whole seeds
+    of full/random/colm to compare), then the others, seed-major as well."""
+    names = [name for name, _ in plan]
+    runs = [(name, seed) for name, seeds in plan for seed in dict.fromkeys(seeds)]
+    return sorted(runs, key=lambda r: (r[0] not in DEFAULT_VARIANTS, r[1], names.index(r[0])))
+
+
 def resolved_config(config: Path, overrides: list[str]) -> dict[str, Any]:
     from colm.config import load_config, to_dict
 
@@ -237,6 +246,19 @@ SCALARS = (
     "eval_s",
     "peak_mb",
 )
+
+
+def paired(runs: list[dict[str, Any]], reference: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """Per-seed differences ``run[key] - reference[key]`` over the seeds both have (a seed
+    fixes the LoRA initialisation and the data order, so pairs share everything but the
+    method): mean +- std of the difference and how many seeds came out lower."""
+    ref = {r["seed"]: r.get(key) for r in reference}
+    diffs = [
+        r[key] - ref[r["seed"]]
+        for r in runs
+        if r.get(key) is not None and ref.get(r["seed"]) is not None
+    ]
+    return {**_mean_std(diffs), "lower": sum(d < 0 for d in diffs)}
 
 
 def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -370,20 +392,20 @@ def markdown(payload: dict[str, Any], plots: list[str]) -> str:
         "",
         f"{s['model']} + LoRA on the built-in mixture, {s['steps']} steps, source batch "
         f"{s['source_batch']} -> coreset {s['coreset']} (full: all {s['source_batch']}), "
-        f"{s['max_length']} tokens, seeds {', '.join(map(str, payload['seeds']))}; mean ± std "
-        f"over seeds (`{payload['command']}`, {payload['date']}, "
+        f"{s['max_length']} tokens; mean ± std over the n seeds of each variant "
+        f"(`{payload['command']}`, {payload['date']}, "
         f"{payload['machine']['cpu_affinity']} CPUs, {payload['machine']['torch_threads']} torch threads"
         + (f", {payload['machine']['gpu']}" if payload["machine"].get("gpu") else "")
         + ").",
         "",
-        "| variant | held-out loss (in) | held-out loss (out) | accuracy (in) | accuracy (out) "
-        "| time/step | train time |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| variant | n | held-out loss (in) | held-out loss (out) | accuracy (in) "
+        "| accuracy (out) | time/step | train time |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for n in shown:
         a = variants[n]["aggregate"]
         lines.append(
-            f"| {n} | {_ms(a['loss_in'])} | {_ms(a['loss_out'])} | {_ms(a['acc_in'], pct=True)} "
+            f"| {n} | {len(variants[n]['runs'])} | {_ms(a['loss_in'])} | {_ms(a['loss_out'])} | {_ms(a['acc_in'], pct=True)} "
             f"| {_ms(a['acc_out'], pct=True)} | {_ms(a['time_per_step_s'], 2)} s "
             f"| {_ms(a['train_wall_s'], 0)} s |"
         )
@@ -403,6 +425,26 @@ def markdown(payload: dict[str, Any], plots: list[str]) -> str:
             cells = [_ms(variants[n]["aggregate"]["heldout_loss"].get(src)) for n in shown]
             label = f"{src} (out)" if src in ood else src
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    refs = [r for r in ("random", "full") if variants.get(r, {}).get("runs")]
+    if refs and len(shown) > 1:
+        lines += [
+            "",
+            "Paired by seed (same LoRA initialisation and data order): held-out loss (in) minus "
+            "the reference's, mean ± std over the seeds both ran, and on how many of them the "
+            "variant's loss was lower. Negative is better than the reference.",
+            "",
+            "| variant | " + " | ".join(f"vs {r}" for r in refs) + " |",
+            "|---|" + "---:|" * len(refs),
+        ]
+        for n in shown:
+            cells = []
+            for r in refs:
+                if n == r:
+                    cells.append("–")
+                    continue
+                d = paired(variants[n]["runs"], variants[r]["runs"], "loss_in")
+                cells.append(f"{_ms(d)} ({d['lower']}/{d['n']} lower)" if d["n"] else "-")
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines += [""]
     for name in plots:
         lines += [f"![{name[:-4].replace('_', ' ')}]({name})", ""]
@@ -425,6 +467,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--variants", default="default", help="comma list, 'default' or 'all'")
     p.add_argument("--seeds", default=None, help='comma list (default "0,1,2")')
+    p.add_argument(
+        "--ablation-seeds",
+        default=None,
+        help="comma list for the variants outside full/random/colm (default: --seeds)",
+    )
     p.add_argument("--steps", type=int, default=None, help="override train.steps")
     p.add_argument("--model", default=None, help="override model.name (a directory)")
     p.add_argument("--device", default=None, help="cpu hides GPUs from the runs (default: any)")
@@ -441,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(x) for x in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
+    ablation_seeds = (
+        [int(x) for x in args.ablation_seeds.split(",")] if args.ablation_seeds else seeds
+    )
     names = parse_variants(args.variants)
     notes = [
         "`accumulate` trains on the same examples as `full` with the same gradient (only "
@@ -481,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     variants: dict[str, dict] = {}
     skipped: dict[str, str] = {}
     failed: list[str] = []
+    wanted: list[tuple[str, list[int]]] = []
     for name in names:
         ok, why = variant_available(name)
         if not ok:
@@ -489,22 +540,20 @@ def main(argv: list[str] | None = None) -> int:
             continue
         overrides, description = VARIANTS[name]
         variants[name] = {"overrides": overrides, "description": description, "runs": []}
-        for seed in seeds:
-            run_dir = out / "runs" / f"{name}-seed{seed}"
-            ov = [
-                *common,
-                *overrides,
-                f"name={name}",
-                f"output_dir={run_dir}",
-                f"train.seed={seed}",
-            ]
-            res = run_one(config, ov, run_dir, env, args.timeout, args.force)
-            if res["returncode"] != 0 or not (run_dir / "eval.json").exists():
-                failed.append(f"{name}-seed{seed}")
-                log(f"{name}-seed{seed} failed; see {run_dir.parent / (run_dir.name + '.log')}")
-                continue
-            metrics = run_metrics(run_dir)
-            variants[name]["runs"].append({"seed": seed, "dir": str(run_dir), **res, **metrics})
+        wanted.append((name, ablation_seeds if name not in DEFAULT_VARIANTS else seeds))
+    for name, seed in run_order(wanted):
+        overrides = variants[name]["overrides"]
+        run_dir = out / "runs" / f"{name}-seed{seed}"
+        ov = [*common, *overrides, f"name={name}", f"output_dir={run_dir}", f"train.seed={seed}"]
+        res = run_one(config, ov, run_dir, env, args.timeout, args.force)
+        if res["returncode"] != 0 or not (run_dir / "eval.json").exists():
+            failed.append(f"{name}-seed{seed}")
+            log(f"{name}-seed{seed} failed; see {run_dir.parent / (run_dir.name + '.log')}")
+            continue
+        metrics = run_metrics(run_dir)
+        variants[name]["runs"].append({"seed": seed, "dir": str(run_dir), **res, **metrics})
+    for name in variants:
+        variants[name]["runs"].sort(key=lambda r: r["seed"])
         variants[name]["aggregate"] = aggregate(variants[name]["runs"])
 
     plots = plot_curves(variants, out)

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -225,3 +226,15 @@ def test_bench_quality_quick(tmp_path, tiny_model_dir):
     again = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("reused") == 3
+
+
+def test_run_order_and_paired_differences(quality):
+    order = quality.run_order([("colm", [0, 1]), ("no_adam", [0]), ("full", [0, 1, 1])])
+    # full/random/colm first and seed-major, then the ablations; duplicates dropped
+    assert order == [("colm", 0), ("full", 0), ("colm", 1), ("full", 1), ("no_adam", 0)]
+    runs = [{"seed": 0, "loss_in": 1.0}, {"seed": 1, "loss_in": 2.5}, {"seed": 2, "loss_in": 9.0}]
+    ref = [{"seed": 0, "loss_in": 2.0}, {"seed": 1, "loss_in": 2.0}, {"seed": 3, "loss_in": 0.0}]
+    d = quality.paired(runs, ref, "loss_in")
+    assert d["n"] == 2 and d["lower"] == 1  # seeds 2 and 3 have no pair
+    assert d["mean"] == pytest.approx(-0.25)
+    assert d["std"] == pytest.approx(statistics.stdev([-1.0, 0.5]))
