@@ -147,4 +147,3 @@ def all_reduce_sum(value: torch.Tensor, info: ProcessInfo) -> torch.Tensor:
     out = value.detach().to(_comm_device(info, device)).clone()
     dist.all_reduce(out, group=info.group)
     return out.to(device)
-

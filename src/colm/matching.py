@@ -42,6 +42,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from colm.facility import _check_features
+
 __all__ = ["MATCH_WEIGHTS", "MatchResult", "gradient_match", "match_error"]
 
 MatchWeights = Literal["uniform", "fit"]
@@ -69,27 +71,8 @@ class MatchResult:
 # --------------------------------------------------------------------------- checks
 
 
-def _describe_rows(rows: list[int], what: str) -> str:
-    shown = ", ".join(str(r) for r in rows[:10])
-    more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
-    if len(rows) == 1:
-        return f"{what} row {shown} contains NaN or inf"
-    return f"{what} rows {shown}{more} contain NaN or inf"
-
-
 def _check_inputs(features: object, k: object, weights: object, target: object) -> None:
-    if not isinstance(features, Tensor):
-        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
-    if features.dim() != 2:
-        raise ValueError(
-            f"features must be 2-D [num_points, dim], got shape {tuple(features.shape)}; "
-            f"flatten each example's feature into one row"
-        )
-    if not features.is_floating_point():
-        raise ValueError(
-            f"features must be a floating-point tensor, got {features.dtype}; "
-            f"convert with features.float()"
-        )
+    features = _check_features(features, "matching")
     if weights not in MATCH_WEIGHTS:
         raise ValueError(f"unknown weights {weights!r}; choose one of {list(MATCH_WEIGHTS)}")
     if isinstance(k, bool) or not isinstance(k, int):
@@ -99,13 +82,6 @@ def _check_inputs(features: object, k: object, weights: object, target: object) 
         raise ValueError(f"k must be >= 1 (number of rows to choose), got {k}")
     if k > n:
         raise ValueError(f"k={k} is larger than the number of rows ({n}); choose k <= {n}")
-    if not bool(torch.isfinite(features.sum())):
-        bad = (~torch.isfinite(features)).any(dim=1).nonzero().flatten().tolist()
-        if bad:
-            raise ValueError(
-                f"{_describe_rows(bad, 'features')}; check the feature estimator for a "
-                f"diverged loss (or drop those examples) before matching"
-            )
     if target is not None:
         if not isinstance(target, Tensor):
             raise TypeError(f"target must be a torch.Tensor or None, got {type(target).__name__}")
