@@ -147,6 +147,35 @@ def make_batch(n=6, max_len=12, seed=0, padding_side="right", sources=None, min_
     return batch
 
 
+def make_rows(n=16, max_len=10, min_len=4, seed=0, sources=None) -> list[dict]:
+    """:func:`make_batch` as unpadded dataset rows (lists), for Trainer datasets."""
+    b = make_batch(n=n, max_len=max_len, min_len=min_len, seed=seed, sources=sources)
+    rows = []
+    for i in range(n):
+        keep = b["attention_mask"][i].bool()
+        row = {
+            "input_ids": b["input_ids"][i, keep].tolist(),
+            "attention_mask": [1] * int(keep.sum()),
+            "labels": b["labels"][i, keep].tolist(),
+        }
+        if sources is not None:
+            row["source"] = b["source"][i]
+        rows.append(row)
+    return rows
+
+
+def collate_rows(rows: list[dict]) -> dict:
+    """Right-pads :func:`make_rows` rows into a batch (pad 0, labels -100)."""
+    width = max(len(r["input_ids"]) for r in rows)
+    out = {
+        k: torch.tensor([r[k] + [pad] * (width - len(r[k])) for r in rows])
+        for k, pad in (("input_ids", 0), ("attention_mask", 0), ("labels", -100))
+    }
+    if "source" in rows[0]:
+        out["source"] = [r["source"] for r in rows]
+    return out
+
+
 @pytest.fixture(params=sorted(TINY_MODELS))
 def arch(request):
     return request.param

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from colm import CoresetSelector, SelectorConfig  # noqa: E402
-from tests.conftest import make_batch, make_tiny  # noqa: E402
+from tests.conftest import collate_rows, make_batch, make_rows, make_tiny  # noqa: E402
 
 SOURCES = {"big1": 28, "big2": 20, "small1": 10, "small2": 6}
 
@@ -31,30 +31,7 @@ def _sources(n: int, seed: int) -> list[str]:
 
 
 def _rows(n: int, seed: int) -> list[dict]:
-    b = make_batch(n=n, max_len=12, min_len=4, seed=seed, sources=_sources(n, seed))
-    rows = []
-    for i in range(n):
-        keep = b["attention_mask"][i].bool()
-        rows.append(
-            {
-                "input_ids": b["input_ids"][i, keep].tolist(),
-                "attention_mask": [1] * int(keep.sum()),
-                "labels": b["labels"][i, keep].tolist(),
-                "source": b["source"][i],
-            }
-        )
-    return rows
-
-
-def _collate(rows):
-    width = max(len(r["input_ids"]) for r in rows)
-    out = {
-        k: torch.tensor([r[k] + [pad] * (width - len(r[k])) for r in rows])
-        for k, pad in (("input_ids", 0), ("attention_mask", 0), ("labels", -100))
-    }
-    if "source" in rows[0]:
-        out["source"] = [r["source"] for r in rows]
-    return out
+    return make_rows(n=n, max_len=12, min_len=4, seed=seed, sources=_sources(n, seed))
 
 
 def _model():
@@ -127,7 +104,7 @@ def run_trainer(a, rank: int, world: int) -> dict:
         model=model,
         args=args,
         train_dataset=ds,
-        data_collator=_collate,
+        data_collator=collate_rows,
         colm_config=cfg,
         colm_method=a.method,
     )

@@ -11,7 +11,7 @@ from torch import nn
 from colm import SelectorConfig
 from colm.integrations import batching
 from colm.integrations.hf_trainer import CoLMTrainer
-from tests.conftest import make_batch, make_tiny, tiny_lm_for
+from tests.conftest import collate_rows, make_rows, make_tiny, tiny_lm_for
 
 SOURCES = ["big1"] * 10 + ["big2"] * 8 + ["small"] * 2
 COUNTS = {"big1": 10, "big2": 8, "small": 2}
@@ -25,30 +25,7 @@ def _no_dropout(model):
 
 
 def _dataset(n=16, seed=0):
-    b = make_batch(n=n, max_len=10, min_len=4, seed=seed, sources=SOURCES[:n])
-    rows = []
-    for i in range(n):
-        keep = b["attention_mask"][i].bool()
-        rows.append(
-            {
-                "input_ids": b["input_ids"][i, keep].tolist(),
-                "attention_mask": [1] * int(keep.sum()),
-                "labels": b["labels"][i, keep].tolist(),
-                "source": b["source"][i],
-            }
-        )
-    return rows
-
-
-def _collate(rows):
-    width = max(len(r["input_ids"]) for r in rows)
-    out = {
-        k: torch.tensor([r[k] + [pad] * (width - len(r[k])) for r in rows])
-        for k, pad in (("input_ids", 0), ("attention_mask", 0), ("labels", -100))
-    }
-    if "source" in rows[0]:
-        out["source"] = [r["source"] for r in rows]
-    return out
+    return make_rows(n=n, max_len=10, min_len=4, seed=seed, sources=SOURCES[:n])
 
 
 def _args(tmp_path, **kw):
@@ -89,7 +66,7 @@ def _train(tmp_path, method, weights="uniform", steps=1, spy_selection=None, **k
         model=model,
         args=_args(tmp_path, max_steps=steps, **kw),
         train_dataset=_dataset(),
-        data_collator=_collate,
+        data_collator=collate_rows,
         colm_config=cfg,
         colm_method=method,
         source_counts=COUNTS,
@@ -205,7 +182,7 @@ def test_packing_is_refused(tmp_path):
             model=make_tiny("llama", lora=True),
             args=args,
             train_dataset=_dataset(),
-            data_collator=_collate,
+            data_collator=collate_rows,
             source_counts=COUNTS,
         )
 
