@@ -378,6 +378,8 @@ def _ms(stat: dict | None, digits: int = 4, pct: bool = False) -> str:
     if not stat or stat.get("mean") is None:
         return "-"
     m, s = stat["mean"], stat["std"] or 0.0
+    if stat.get("n") == 1:  # one seed: no spread to show
+        return f"{100 * m:.1f}%" if pct else f"{m:.{digits}f}"
     if pct:
         return f"{100 * m:.1f} ± {100 * s:.1f}%"
     return f"{m:.{digits}f} ± {s:.{digits}f}"
