@@ -18,6 +18,9 @@
 # command's output, step.json, gradmatch.json, quality.json, quality.md and
 # gpu_results.tar.gz with everything), else to benchmarks/results/gpu/.
 # GPU_BUDGET_S (default 570) caps the whole run; each command also has its own timeout.
+#
+#   GPU_SMOKE=1 bash benchmarks/gpu.sh  # on a CPU: the same five commands at toy sizes
+#                                       # (~6 min), to check the script before a GPU run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CARRY=runs/gpu_carry
@@ -46,6 +49,7 @@ fi
 
 PY=${PYTHON:-python3}
 BUDGET=${GPU_BUDGET_S:-570}
+if [ -n "${GPU_SMOKE:-}" ]; then BUDGET=${GPU_BUDGET_S:-1500}; fi
 T0=$SECONDS
 WORK=benchmarks/results/gpu
 if [ -n "${OUT:-}" ]; then WORK=$(mktemp -d /tmp/colm_gpu.XXXXXX); fi
@@ -58,7 +62,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 say() { echo "gpu.sh: $*" | tee -a "$LOG"; }
 
 # -- environment: carried wheels, the model --------------------------------------------
-if compgen -G "$CARRY/whl/*.whl" >/dev/null; then
+if [ -z "${GPU_SMOKE:-}" ] && compgen -G "$CARRY/whl/*.whl" >/dev/null; then
   timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --upgrade --target /tmp/colm_site "$CARRY"/whl/*.whl
   export PYTHONPATH="$PYTHONPATH:/tmp/colm_site"
@@ -96,9 +100,15 @@ EOF
   say "WARNING: SmolLM2-135M-shaped model with RANDOM weights in $target:" \
     "memory and time are real, held-out losses and accuracies are meaningless"
 fi
-"$PY" -c "import torch; print('gpu.sh: torch', torch.__version__, torch.cuda.get_device_name(0))" |
-  tee -a "$LOG"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >>"$LOG" 2>&1 || true
+if [ -n "${GPU_SMOKE:-}" ]; then
+  say "GPU_SMOKE: on the CPU at toy sizes; the figures are meaningless"
+  DEV=cpu
+else
+  DEV=cuda
+  "$PY" -c "import torch; print('gpu.sh: torch', torch.__version__, torch.cuda.get_device_name(0))" |
+    tee -a "$LOG"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >>"$LOG" 2>&1 || true
+fi
 
 # -- the benchmarks: each with its own timeout, within the overall budget -----------------
 failed=()
@@ -120,23 +130,30 @@ bench() { # name seconds command...
   return 0
 }
 
-bench step 200 "$PY" benchmarks/bench_step.py --device cuda --source-batch 128 \
-  --max-length 512 --coreset-micro-batch 32 --warmup 1 --repeats 3 --out "$WORK/step.json"
-bench features 150 "$PY" benchmarks/bench_features.py --device cuda --batch 128 --seq 512 \
-  --coreset 64 --repeats 5
-bench facility 60 "$PY" benchmarks/bench_facility.py --device cuda --repeats 20
-if [ -f benchmarks/bench_gradmatch.py ]; then
-  help=$("$PY" benchmarks/bench_gradmatch.py --help 2>&1 || true)
-  args=()
-  if grep -q -- "--source-batch" <<<"$help"; then args+=(--source-batch 128); fi
-  if grep -q -- "--device" <<<"$help"; then args+=(--device cuda); fi
-  if grep -q -- "--out" <<<"$help"; then args+=(--out "$WORK/gradmatch.json"); fi
-  bench gradmatch 120 "$PY" benchmarks/bench_gradmatch.py "${args[@]}"
+# paper-like sizes (source batch 128 -> 64, 512 tokens); the timeouts add up to the budget
+if [ -z "${GPU_SMOKE:-}" ]; then
+  STEP=(--source-batch 128 --max-length 512 --coreset-micro-batch 32 --warmup 1 --repeats 3)
+  FEAT=(--batch 128 --seq 512 --coreset 64 --repeats 5)
+  FAC=(--repeats 20)
+  GM=(--source-batch 64 --max-length 256 --batches 2 --points 0,5 --random-subsets 2000)
+  QUAL=(--seeds 0 --steps 30 --set eval.limit_per_task=5)
+  LIMITS=(150 100 30 120 160)
 else
-  say "gradmatch: benchmarks/bench_gradmatch.py not present, skipped"
+  STEP=(--source-batch 8 --max-length 64 --coreset-micro-batch 2 --warmup 0 --repeats 1)
+  FEAT=(--batch 8 --seq 64 --coreset 4 --repeats 1)
+  FAC=(--repeats 2 --warmup 1 --sizes 32 64 --dim 256)
+  GM=(--quick)
+  QUAL=(--quick)
+  LIMITS=(400 500 60 200 300)
 fi
-bench quality 200 "$PY" benchmarks/bench_quality.py --device cuda --seeds 0 --steps 30 \
-  --set eval.limit_per_task=5 --out "$WORK/quality"
+bench step "${LIMITS[0]}" "$PY" benchmarks/bench_step.py --device "$DEV" "${STEP[@]}" \
+  --out "$WORK/step.json"
+bench features "${LIMITS[1]}" "$PY" benchmarks/bench_features.py --device "$DEV" "${FEAT[@]}"
+bench facility "${LIMITS[2]}" "$PY" benchmarks/bench_facility.py --device "$DEV" "${FAC[@]}"
+bench gradmatch "${LIMITS[3]}" "$PY" benchmarks/bench_gradmatch.py --device "$DEV" "${GM[@]}" \
+  --out "$WORK/gradmatch.json"
+bench quality "${LIMITS[4]}" "$PY" benchmarks/bench_quality.py --device "$DEV" "${QUAL[@]}" \
+  --out "$WORK/quality"
 
 say "done in $((SECONDS - T0)) s; failed or skipped: ${failed[*]:-none}"
 if [ -n "${OUT:-}" ]; then

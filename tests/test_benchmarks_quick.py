@@ -70,3 +70,39 @@ def test_bench_gradmatch_quick(tmp_path):
     for name in ("ablate_no_adam", "ablate_joint", "ablate_no_small"):
         m = batch["methods"][name]
         assert len(m["indices"]) == coreset and 0 <= m["percentile"] <= 100
+
+
+@pytest.mark.slow
+def test_gpu_script_smoke_on_cpu(tmp_path):
+    """benchmarks/gpu.sh runs all five benchmarks and hands back its files (GPU_SMOKE: on
+    the CPU at toy sizes), so a GPU session spends its minutes on figures, not fixes."""
+    _needs_smollm2_tokenizer()
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {
+        **os.environ,
+        "GPU_SMOKE": "1",
+        "OUT": str(out),
+        "PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu.sh")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    log = (out / "gpu.log").read_text() if (out / "gpu.log").exists() else ""
+    assert proc.returncode == 0, log[-4000:] + proc.stderr[-2000:]
+    assert "failed or skipped: none" in log
+    for name in ("step", "features", "facility", "gradmatch", "quality"):
+        assert f"{name}: exit 0" in log
+    step = json.loads((out / "step.json").read_text())
+    assert {"full", "accumulate", "random", "colm"} <= {m["method"] for m in step["methods"]}
+    assert json.loads((out / "gradmatch.json").read_text())["points"]
+    quality = json.loads((out / "quality.json").read_text())
+    assert set(quality["variants"]) == {"full", "random", "colm"}
+    assert (out / "quality.md").read_text().startswith("## Quality at equal steps")
+    assert (out / "gpu_results.tar.gz").stat().st_size > 0
