@@ -76,6 +76,17 @@ def _worker() -> None:
 
         transformers.TrainingArguments = with_deepspeed
     ddp_worker.main()
+    # Everything is written. Leave without the interpreter's teardown: a DeepSpeed/gloo
+    # thread still joinable at static destruction can abort the process ("terminate
+    # called without an active exception") after a run that succeeded.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
