@@ -65,7 +65,7 @@ def test_bench_gradmatch_quick(tmp_path):
     assert 0 <= colm["percentile"] <= 100
     for tag in ("zo1", "zo8", "exact"):
         assert tag in batch["spearman"]
-    # the Table 2 ablations are measured as selections of their own (not colm's, cached)
+    # the Table 2 ablations are measured: coreset-sized selections with a percentile each
     coreset = len(colm["indices"])
     for name in ("ablate_no_adam", "ablate_joint", "ablate_no_small"):
         m = batch["methods"][name]
