@@ -1,29 +1,39 @@
-"""Quality at equal steps: full, random and colm (and the paper's ablations) over seeds.
+"""Quality at equal steps and at equal wall time: every method, paired by seed.
 
 Each run is one ``colm train`` process (``python -m colm.cli train``) on
 ``configs/bench_quality.yaml`` (SmolLM2-135M-Instruct + LoRA on the built-in
-mixture, source batch 16 -> coreset 8, 128 tokens), with the variant's
-overrides and ``train.seed``; every run trains the same number of steps and is
-evaluated the same way (held-out loss per source on a fixed test split, and a
-small generation-accuracy sample in and out of domain). The mixture itself is
-fixed (``data.mixture.seed``), so the spread over seeds is the training's.
+mixture, source batch 16 -> coreset 8, 128 tokens, constant learning rate after
+a short warm-up, 50 held-out examples per source), with the variant's overrides
+and ``train.seed``. A seed fixes the LoRA initialisation and the data order, so
+the variants of one seed see the same source batches and are compared pair by
+pair. Held-out loss per source is evaluated every ``eval.every`` steps during
+training (``heldout.jsonl``; evaluation time is not counted as training time),
+so every run gives a curve of held-out loss against step and against wall time.
 
-Then: mean +- std over seeds of the final held-out loss per source, of the
-in/out-of-domain mean loss and accuracy, and of the time per step; training
-loss curves vs step and vs wall time (mean with a +-1 std band);
-``quality.json``, ``quality.md`` (a Markdown section) and PNGs in ``--out``.
+Comparisons (each a paired difference over seeds with a 95% t interval):
 
-Variants (``--variants``, comma list, ``default`` or ``all``):
-  full, random, colm                the default set
-  accumulate                        same gradient as full (skipped unless named)
-  no_small, no_adam, joint,         ablations of the paper's Table 2
-  cluster_weights, exact,
-  small_random_big                  (needs SelectorConfig(method="random_big"))
-  match                             GradMatch-style selection (only when named)
+* at equal steps: the held-out loss after the last step;
+* at equal wall time: the held-out loss each variant has reached after the
+  training time the fastest variant needs for all its steps (time axis: step x
+  the variant's median time per step over its seeds, so that a moment of load
+  on the machine in one run does not move its curve; loss interpolated linearly
+  between evaluations).
 
-    python benchmarks/bench_quality.py                      # full, random, colm x seeds 0,1,2
-    python benchmarks/bench_quality.py --variants all       # + the ablations
-    python benchmarks/bench_quality.py --quick              # tiny model, 2 steps, 1 seed
+The constant learning rate makes every prefix of a run a fair shorter run, which
+is what comparing curves at equal time needs.
+
+Every finished run is kept as one small JSON record under ``--out``/finished/
+(committed with the results), keyed by its resolved configuration: an interrupted
+benchmark, or one started again in a later session, reruns only what is missing.
+The untrained model's held-out loss (step 0: LoRA starts as the identity, so it is
+the same for every seed and variant) is measured once.
+
+Variants (``--variants``, comma list; ``protocol`` = the first six, ``all`` adds the
+paper's Table 2 ablations and the selector candidates):
+
+    python benchmarks/bench_quality.py                         # the protocol x 5 seeds
+    python benchmarks/bench_quality.py --variants protocol,exact_match --seeds 0,1,2,3,4
+    python benchmarks/bench_quality.py --quick                 # tiny model, 4 steps, 1 seed
 """
 
 from __future__ import annotations
@@ -47,61 +57,62 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_step import default_threads, machine_info, make_tiny_model_dir  # noqa: E402
+from stats import excludes_zero, fmt_ci, paired_ci  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "bench_quality.yaml"
 
-# name -> (overrides, description); the paper's Table 2 ablations change one thing of colm
+# the paper's selection, pinned (whatever SelectorConfig's defaults are)
+PAPER = [
+    "train.method=colm",
+    "selector.preset=paper",
+]
+# name -> (overrides, description); "{beta2_small}" is filled in from the configuration
 VARIANTS: dict[str, tuple[list[str], str]] = {
     "full": (["train.method=full"], "the whole source batch (plain large-batch training)"),
-    "random": (["train.method=random"], "uniform random subset of the coreset's size"),
-    "colm": (["train.method=colm"], "CoLM with the paper's defaults"),
     "accumulate": (
         ["train.method=accumulate"],
-        "the whole source batch in coreset-sized pieces (same gradient as full)",
+        "the whole source batch in coreset-sized pieces (full's gradient at random's memory)",
     ),
-    "no_small": (
-        ["train.method=colm", "selector.small_sources=[]"],
-        "colm without keeping small sources whole (all sources selected by medoids)",
+    "random": (["train.method=random"], "uniform random subset of the coreset's size"),
+    "random_b2": (
+        ["train.method=random", "train.adam_beta2={beta2_small}"],
+        "random subset with Adam's beta2 scaled to the smaller batch, beta2 ** (b / B) "
+        "(Marek et al., 2025: the second moment's half-life fixed in tokens)",
     ),
-    "no_adam": (
-        ["train.method=colm", "selector.adam=false"],
-        "colm without Adam normalisation of the features",
+    "random_big": (
+        ["train.method=colm", "selector.preset=paper", "selector.method=random_big"],
+        "small sources kept whole, colm's per-source budgets, big sources' picks at random "
+        "(no features)",
     ),
-    "joint": (
-        ["train.method=colm", "selector.per_source=false"],
-        "colm with medoids chosen jointly over the big sources, not per source",
-    ),
-    "cluster_weights": (
-        ["train.method=colm", "selector.weights=cluster"],
-        "colm with cluster-size weights instead of uniform ones",
-    ),
-    "exact": (
-        ["train.method=colm", "selector.feature=exact"],
-        "colm with exact first-order features instead of zeroth-order ones",
-    ),
-    "small_random_big": (
-        ["train.method=colm", "selector.method=random_big"],
-        "small sources kept whole, the big sources' share picked at random",
-    ),
-    "match": (
-        ["train.method=colm", "selector.method=match"],
-        "big sources' examples chosen to match the source's mean feature (GradMatch-style)",
+    "colm": (PAPER, "CoLM as the paper configures it (zo q=1, Adam-normalised, facility location)"),
+    # the paper's Table 2 ablations: each changes one thing of the paper's colm
+    "no_small": ([*PAPER, "selector.small_sources=[]"], "colm without keeping small sources"),
+    "no_adam": ([*PAPER, "selector.adam=false"], "colm without Adam normalisation"),
+    "joint": ([*PAPER, "selector.per_source=false"], "colm with medoids over all big sources"),
+    "cluster_weights": ([*PAPER, "selector.weights=cluster"], "colm with cluster-size weights"),
+    # selector candidates
+    "exact": ([*PAPER, "selector.feature=exact"], "colm with exact value-block gradients"),
+    "exact_match": (
+        [*PAPER, "selector.feature=exact", "selector.method=match"],
+        "exact features, gradient matching per source",
     ),
 }
-DEFAULT_VARIANTS = ["full", "random", "colm"]
-ABLATIONS = ["no_small", "no_adam", "joint", "cluster_weights", "exact", "small_random_big"]
+PROTOCOL = ["full", "accumulate", "random", "random_b2", "random_big", "colm"]
+ABLATIONS = ["no_small", "no_adam", "joint", "cluster_weights"]
+CANDIDATES = ["exact", "exact_match"]
+REFERENCES = ("random_big", "random", "full", "colm")  # paired against, when present
 
-# the --quick set-up: a tiny model, a small mixture, 2 steps
+# the --quick set-up: a tiny model, a small mixture, 4 steps
 QUICK_OVERRIDES = [
     "data.max_length=96",
     "data.mixture={seed: 0, train: {basic_arithmetic: 40, chain_sum: 30, gcd: 6, lcm: 4},"
-    " test_per_source: 2, ood: {products: 2}}",
+    " test_per_source: 3, ood: {products: 3}}",
     "model.lora={r: 4, alpha: 8, dropout: 0.0, targets: [q_proj, k_proj, v_proj, o_proj]}",
     "train.source_batch=8",
-    "eval.max_new_tokens=4",
+    "train.steps=4",
+    "eval.every=2",
     "eval.batch_size=8",
-    "eval.limit_per_task=2",
 ]
 
 
@@ -109,48 +120,38 @@ def log(msg: str) -> None:
     print(f"bench_quality: {msg}", file=sys.stderr, flush=True)
 
 
-def variant_available(name: str) -> tuple[bool, str]:
-    """Whether this colm can run a variant (some need selector methods being added)."""
-    from colm import SelectorConfig
-
-    for item in VARIANTS[name][0]:
-        key, _, value = item.partition("=")
-        if key == "selector.method":
-            try:
-                SelectorConfig(method=value)
-            except (ValueError, TypeError):
-                return False, (
-                    f"needs SelectorConfig(method={value!r}), which this colm does not accept "
-                    "(to be added)"
-                )
-    return True, ""
-
-
 def parse_variants(text: str) -> list[str]:
+    groups = {"protocol": PROTOCOL, "all": PROTOCOL + ABLATIONS + CANDIDATES}
     names: list[str] = []
     for part in text.split(","):
         part = part.strip()
-        group = {"default": DEFAULT_VARIANTS, "all": DEFAULT_VARIANTS + ABLATIONS}.get(part)
-        for n in group or [part]:
+        for n in groups.get(part) or [part]:
             if n not in VARIANTS:
                 raise SystemExit(
-                    f"unknown variant {n!r}; expected default, all or some of {list(VARIANTS)}"
+                    f"unknown variant {n!r}; expected protocol, all or some of {list(VARIANTS)}"
                 )
             if n not in names:
                 names.append(n)
     return names
 
 
-# --------------------------------------------------------------------------- running
+def variant_overrides(name: str, base: dict[str, Any]) -> list[str]:
+    """The variant's overrides with the placeholders filled from the base configuration."""
+    from colm.config import RunConfig, _build
+
+    cfg = _build(RunConfig, base, "")
+    t = cfg.train
+    b = cfg.selector_config().coreset_size(t.source_batch)
+    beta2_small = round(t.adam_beta2 ** (b / t.source_batch), 6)
+    return [o.format(beta2_small=beta2_small) for o in VARIANTS[name][0]]
 
 
 def run_order(plan: list[tuple[str, list[int]]]) -> list[tuple[str, int]]:
-    """(variant, seeds) -> the (variant, seed) runs in the order to run them: the
-    default variants first and seed-major (an interrupted benchmark leaves whole seeds
-    of full/random/colm to compare), then the others, seed-major as well."""
+    """(variant, seeds) -> runs, seed-major in the order the variants were given, so that
+    an interrupted benchmark leaves whole seeds to compare."""
     names = [name for name, _ in plan]
     runs = [(name, seed) for name, seeds in plan for seed in dict.fromkeys(seeds)]
-    return sorted(runs, key=lambda r: (r[0] not in DEFAULT_VARIANTS, r[1], names.index(r[0])))
+    return sorted(runs, key=lambda r: (r[1], names.index(r[0])))
 
 
 def resolved_config(config: Path, overrides: list[str]) -> dict[str, Any]:
@@ -159,305 +160,321 @@ def resolved_config(config: Path, overrides: list[str]) -> dict[str, Any]:
     return to_dict(load_config(config, overrides))
 
 
-def run_one(
-    config: Path, overrides: list[str], run_dir: Path, env: dict, timeout: float, force: bool
-) -> dict[str, Any]:
-    """Train + evaluate one run in its own process (skipped when a finished run with
-    the same resolved configuration is already there)."""
-    import yaml
-
-    want = resolved_config(config, overrides)
-    done = run_dir / "eval.json"
-    if not force and done.exists() and (run_dir / "config.yaml").exists():
-        have = yaml.safe_load((run_dir / "config.yaml").read_text())
-        if have == want:
-            log(f"{run_dir.name}: finished run found, reused (--force to rerun)")
-            return {"reused": True, "process_s": None, "returncode": 0}
-    if done.exists():
-        done.unlink()
-    cmd = [sys.executable, "-m", "colm.cli", "train", str(config), *overrides]
-    log(f"{run_dir.name}: {shlex.join(cmd[2:])}")
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    with open(run_dir.parent / f"{run_dir.name}.log", "w") as logf:
-        try:
-            proc = subprocess.run(
-                cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, timeout=timeout, cwd=ROOT
-            )
-            rc = proc.returncode
-        except subprocess.TimeoutExpired:
-            rc = 124
-    seconds = time.perf_counter() - t0
-    log(f"{run_dir.name}: exit {rc} after {seconds:.0f} s")
-    return {"reused": False, "process_s": seconds, "returncode": rc}
+def _key(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What decides a run's result: the resolved configuration without where it is written."""
+    return {k: v for k, v in cfg.items() if k not in ("output_dir", "name")}
 
 
-# --------------------------------------------------------------------------- aggregating
+# --------------------------------------------------------------------------- running
 
 
-def _mean_std(values: list[float]) -> dict[str, float | int | None]:
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    if not vals:
-        return {"mean": None, "std": None, "n": 0}
-    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return {"mean": statistics.fmean(vals), "std": std, "n": len(vals)}
-
-
-def run_metrics(run_dir: Path) -> dict[str, Any]:
-    """What one finished run measured."""
+def record_of(run_dir: Path) -> dict[str, Any]:
+    """What one finished run measured, small enough to commit."""
     from colm.report import read_run
 
     run = read_run(run_dir)
     ev = run.eval or {}
-    summary = ev.get("summary") or {}
-    curve = [
-        (int(r["step"]), float(r["loss"]), float(r.get("wall_time", math.nan))) for r in run.train
-    ]
-    sel = run.selection_seconds
+    steps = [r for r in run.train if "wall_time" in r]
+    walls = [0.0] + [float(r["wall_time"]) for r in steps]
+    step_s = [b - a for a, b in zip(walls, walls[1:])]
+    curve = [json.loads(x) for x in (run_dir / "heldout.jsonl").read_text().splitlines()]
     return {
         "steps": run.steps,
-        "final_train_loss": run.final_loss,
-        "train_wall_s": run.wall_time,
-        "time_per_step_s": run.time_per_step,
-        "selection_s_per_step": statistics.fmean(sel) if sel else None,
+        "train_loss": [[int(r["step"]), float(r["loss"])] for r in run.train],
+        "step_s": step_s,
+        "time_per_step_s": statistics.median(step_s) if step_s else None,
+        "selection_s_per_step": statistics.fmean(run.selection_seconds)
+        if run.selection_seconds
+        else None,
         "peak_mb": run.peak_mb,
-        "heldout_loss": dict(ev.get("loss") or {}),
-        "loss_in": summary.get("loss_in"),
-        "loss_out": summary.get("loss_out"),
-        "acc_in": summary.get("acc_in"),
-        "acc_out": summary.get("acc_out"),
-        "acc_all": summary.get("acc_all"),
+        "heldout": [
+            {k: p[k] for k in ("step", "wall_time", "loss", "loss_in", "loss_out")} for p in curve
+        ],
         "eval_s": ev.get("seconds"),
-        "ood_sources": sorted(ev.get("accuracy_out") or {}),
-        "curve": curve,
     }
 
 
-SCALARS = (
-    "loss_in",
-    "loss_out",
-    "acc_in",
-    "acc_out",
-    "acc_all",
-    "final_train_loss",
-    "time_per_step_s",
-    "selection_s_per_step",
-    "train_wall_s",
-    "eval_s",
-    "peak_mb",
-)
+def run_one(config, overrides, run_dir, record_path, env, timeout, force) -> dict | None:
+    """The run's record: the committed one if its configuration matches, else trained and
+    evaluated now in its own process (None if it failed)."""
+    want = _key(resolved_config(config, overrides))
+    if not force and record_path.exists():
+        rec = json.loads(record_path.read_text())
+        if rec.get("config") == want:
+            log(f"{record_path.stem}: finished run found, reused (--force to rerun)")
+            return rec
+    cmd = [sys.executable, "-m", "colm.cli", "train", str(config), *overrides]
+    log(f"{run_dir.name}: {shlex.join(cmd[2:])}")
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in ("eval.json", "heldout.jsonl"):
+        (run_dir / stale).unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    with open(run_dir.parent / f"{run_dir.name}.log", "w") as logf:
+        try:
+            rc = subprocess.run(
+                cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, timeout=timeout, cwd=ROOT
+            ).returncode
+        except subprocess.TimeoutExpired:
+            rc = 124
+    seconds = time.perf_counter() - t0
+    log(f"{run_dir.name}: exit {rc} after {seconds:.0f} s")
+    if rc != 0 or not (run_dir / "eval.json").exists():
+        return None
+    rec = {"config": want, "process_s": seconds, **record_of(run_dir)}
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    record_path.write_text(json.dumps(rec, indent=1))
+    return rec
 
 
-def paired(runs: list[dict[str, Any]], reference: list[dict[str, Any]], key: str) -> dict[str, Any]:
-    """Per-seed differences ``run[key] - reference[key]`` over the seeds both have (a seed
-    fixes the LoRA initialisation and the data order, so pairs share everything but the
-    method): mean +- std of the difference and how many seeds came out lower."""
-    ref = {r["seed"]: r.get(key) for r in reference}
-    diffs = [
-        r[key] - ref[r["seed"]]
-        for r in runs
-        if r.get(key) is not None and ref.get(r["seed"]) is not None
-    ]
-    return {**_mean_std(diffs), "lower": sum(d < 0 for d in diffs)}
+def base_point(config: Path, common: list[str], path: Path) -> dict[str, Any]:
+    """Held-out loss of the untrained model (LoRA B = 0: the base model), measured once."""
+    cfg_dict = resolved_config(config, common)
+    want = {"model": cfg_dict["model"]["name"], "data": cfg_dict["data"], "eval": cfg_dict["eval"]}
+    if path.exists():
+        rec = json.loads(path.read_text())
+        if rec.get("config") == want:
+            return rec
+    from colm.config import load_config
+    from colm.evaluate import heldout_loss
+    from colm.models import load_model
+    from colm.train import _limited, heldout_record, load_data
+
+    cfg = load_config(config, common)
+    _, test_in, test_out = load_data(cfg)
+    test_in, test_out = _limited(cfg, test_in, test_out)
+    model, tok = load_model(cfg.model.name)
+    log("held-out loss of the untrained model")
+    t0 = time.perf_counter()
+    loss = {
+        split: heldout_loss(model, tok, recs, cfg.data.max_length, cfg.eval.batch_size)
+        for split, recs in (("in", test_in), ("out", test_out))
+        if recs
+    }
+    point = heldout_record(0, 0.0, loss, time.perf_counter() - t0)
+    rec = {
+        "config": want,
+        "point": {k: point[k] for k in ("step", "wall_time", "loss", "loss_in", "loss_out")},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rec, indent=1))
+    return rec
 
 
-def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    agg = {k: _mean_std([r.get(k) for r in runs]) for k in SCALARS}
-    sources = []
-    for r in runs:
-        sources += [s for s in r["heldout_loss"] if s not in sources]
-    agg["heldout_loss"] = {s: _mean_std([r["heldout_loss"].get(s) for r in runs]) for s in sources}
-    return agg
+# --------------------------------------------------------------------------- analysis
+
+
+def curve(rec: dict, base: dict, key: str = "loss_in") -> list[tuple[int, float]]:
+    """(step, held-out loss) of a run, from the untrained model's point on."""
+    pts = {0: base["point"][key]}
+    for p in rec["heldout"]:
+        pts[int(p["step"])] = p[key]
+    return sorted(pts.items())
+
+
+def at(points: list[tuple[float, float]], x: float) -> float | None:
+    """Linear interpolation of (x, y) points at ``x`` (None outside their range)."""
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
+def analyse(variants: dict[str, dict], base: dict) -> dict[str, Any]:
+    """Per variant: time per step, final losses; equal-step and equal-time comparisons."""
+    for v in variants.values():
+        runs = v["runs"]
+        tps = [r["time_per_step_s"] for r in runs if r.get("time_per_step_s")]
+        v["time_per_step_s"] = statistics.median(tps) if tps else None
+        v["steps"] = max((r["steps"] for r in runs), default=0)
+    timed = [v for v in variants.values() if v["runs"] and v["time_per_step_s"]]
+    budget = min((v["steps"] * v["time_per_step_s"] for v in timed), default=None)
+    for v in variants.values():
+        for r in v["runs"]:
+            for key in ("loss_in", "loss_out"):
+                pts = curve(r, base, key)
+                r[f"final_{key}"] = pts[-1][1]
+                if budget and v["time_per_step_s"]:
+                    timeline = [(s * v["time_per_step_s"], y) for s, y in pts]
+                    r[f"time_{key}"] = at(timeline, budget)
+    comparisons: dict[str, dict] = {}
+    refs = [r for r in REFERENCES if variants.get(r, {}).get("runs")]
+    for name, v in variants.items():
+        comparisons[name] = {}
+        for ref in refs:
+            if ref == name:
+                continue
+            by_seed = {r["seed"]: r for r in variants[ref]["runs"]}
+            row = {}
+            for what in ("final_loss_in", "final_loss_out", "time_loss_in", "time_loss_out"):
+                diffs = [
+                    r[what] - by_seed[r["seed"]][what]
+                    for r in v["runs"]
+                    if r["seed"] in by_seed
+                    and r.get(what) is not None
+                    and by_seed[r["seed"]].get(what) is not None
+                ]
+                row[what] = paired_ci(diffs)
+            comparisons[name][ref] = row
+    return {"time_budget_s": budget, "comparisons": comparisons}
+
+
+def _mean_ci(values: list[float]) -> tuple[float, float]:
+    from scipy import stats
+
+    vals = [x for x in values if x is not None and math.isfinite(x)]
+    if not vals:
+        return math.nan, 0.0
+    if len(vals) < 2:
+        return vals[0], 0.0
+    half = stats.t.ppf(0.975, len(vals) - 1) * statistics.stdev(vals) / math.sqrt(len(vals))
+    return statistics.fmean(vals), half
 
 
 # --------------------------------------------------------------------------- plots
 
 
-def _smooth(values: list[float], window: int) -> list[float]:
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out
-
-
-def _band(curves: list[list[tuple[int, float, float]]], window: int):
-    """Per step (present in every seed): mean step, mean/std smoothed loss, mean wall time."""
-    if not curves:
-        return [], [], [], []
-    steps = sorted(set.intersection(*[{s for s, _, _ in c} for c in curves]))
-    series, walls = [], []
-    for c in curves:
-        by = {s: (loss, wall) for s, loss, wall in c}
-        series.append(_smooth([by[s][0] for s in steps], window))
-        walls.append([by[s][1] for s in steps])
-    mean = [statistics.fmean(col) for col in zip(*series)]
-    std = [statistics.stdev(col) if len(col) > 1 else 0.0 for col in zip(*series)]
-    wall = [statistics.fmean(col) for col in zip(*walls)]
-    return steps, mean, std, wall
-
-
-def plot_curves(variants: dict[str, dict], out: Path) -> list[str]:
+def plot_curves(variants: dict[str, dict], base: dict, analysis: dict, out: Path) -> list[str]:
+    """Held-out loss (in domain) against step and against wall time: mean with a 95%
+    band over seeds; and the final held-out loss per source."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-    written = []
     names = [n for n, v in variants.items() if v["runs"]]
     if not names:
-        return written
+        return []
     cmap = colormaps["tab10"]
-    longest = max(len(r["curve"]) for n in names for r in variants[n]["runs"])
-    window = max(1, longest // 10)
-    for x_key, fname in (("step", "loss_vs_step.png"), ("wall", "loss_vs_time.png")):
-        fig = Figure(figsize=(7.5, 4.5), dpi=110, layout="constrained")
+    written = []
+    for x_key, fname in (("step", "heldout_vs_step.png"), ("time", "heldout_vs_time.png")):
+        fig = Figure(figsize=(7.5, 4.6), dpi=110, layout="constrained")
         ax = fig.subplots()
         for i, name in enumerate(names):
-            curves = [r["curve"] for r in variants[name]["runs"] if r["curve"]]
-            steps, mean, std, wall = _band(curves, window)
-            if not steps:
+            v = variants[name]
+            curves = [dict(curve(r, base)) for r in v["runs"]]
+            steps = sorted(set.intersection(*[set(c) for c in curves]))
+            stats_ = [_mean_ci([c[s] for c in curves]) for s in steps]
+            scale = v["time_per_step_s"] if x_key == "time" else 1.0
+            if scale is None:
                 continue
-            x = steps if x_key == "step" else wall
+            x = [s * scale for s in steps]
+            mean = [m for m, _ in stats_]
             color = cmap(i % cmap.N)
-            n = len(curves)
-            ax.plot(x, mean, color=color, linewidth=1.6, label=f"{name} (n={n})")
+            ax.plot(x, mean, "o-", color=color, ms=3, lw=1.5, label=f"{name} (n={len(curves)})")
             ax.fill_between(
-                x,
-                [m - s for m, s in zip(mean, std)],
-                [m + s for m, s in zip(mean, std)],
-                color=color,
-                alpha=0.2,
-                linewidth=0,
+                x, [m - h for m, h in stats_], [m + h for m, h in stats_], color=color, alpha=0.15
             )
-        ax.set_xlabel("optimizer step" if x_key == "step" else "training wall time (s)")
-        ax.set_ylabel(f"training loss (moving mean of {window})")
+        if x_key == "time" and analysis["time_budget_s"]:
+            ax.axvline(analysis["time_budget_s"], color="grey", ls=":", lw=1)
+        ax.set_xlabel(
+            "optimizer step" if x_key == "step" else "training time (s; step x median s/step)"
+        )
+        ax.set_ylabel("held-out loss, in domain (mean, 95% CI)")
         ax.set_title(
-            "Training loss, mean +- std over seeds" + (" vs wall time" if x_key == "wall" else "")
+            "Held-out loss " + ("against step" if x_key == "step" else "against wall time")
         )
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
         fig.savefig(out / fname)
         written.append(fname)
 
-    # final held-out loss per source, with error bars
-    sources: list[str] = []
-    for n in names:
-        sources += [s for s in variants[n]["aggregate"]["heldout_loss"] if s not in sources]
-    if sources:
-        fig = Figure(figsize=(max(7.5, 0.7 * len(sources) + 3), 4.8), dpi=110, layout="constrained")
-        ax = fig.subplots()
-        width = 0.8 / len(names)
-        for k, name in enumerate(names):
-            hl = variants[name]["aggregate"]["heldout_loss"]
-            xs, means, stds = [], [], []
-            for i, src in enumerate(sources):
-                stat = hl.get(src) or {}
-                if stat.get("mean") is not None:
-                    xs.append(i - 0.4 + width * (k + 0.5))
-                    means.append(stat["mean"])
-                    stds.append(stat["std"] or 0.0)
-            ax.errorbar(
-                xs, means, yerr=stds, fmt="o", capsize=3, color=cmap(k % cmap.N), label=name
-            )
-        ax.set_xticks(range(len(sources)))
-        ax.set_xticklabels(sources, rotation=35, ha="right", fontsize="small")
-        ax.set_ylabel("held-out loss (mean +- std over seeds)")
-        ax.set_title("Final held-out loss per source")
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize="small")
-        fig.savefig(out / "heldout_loss.png")
-        written.append("heldout_loss.png")
-    return written
+    sources = list(base["point"]["loss"])
+    fig = Figure(figsize=(max(7.5, 0.75 * len(sources) + 3), 4.8), dpi=110, layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(names)
+    for k, name in enumerate(names):
+        last = [r["heldout"][-1]["loss"] for r in variants[name]["runs"]]
+        stats_ = [_mean_ci([x.get(s) for x in last]) for s in sources]
+        xs = [i - 0.4 + width * (k + 0.5) for i in range(len(sources))]
+        ax.errorbar(
+            xs,
+            [m for m, _ in stats_],
+            yerr=[h for _, h in stats_],
+            fmt="o",
+            ms=3,
+            capsize=2,
+            color=cmap(k % cmap.N),
+            label=name,
+        )
+    ax.set_xticks(range(len(sources)))
+    ax.set_xticklabels(sources, rotation=35, ha="right", fontsize="small")
+    ax.set_ylabel("final held-out loss (mean, 95% CI)")
+    ax.set_title("Final held-out loss per source")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.savefig(out / "heldout_per_source.png")
+    return [*written, "heldout_per_source.png"]
 
 
 # --------------------------------------------------------------------------- report
 
 
-def _ms(stat: dict | None, digits: int = 4, pct: bool = False) -> str:
-    if not stat or stat.get("mean") is None:
-        return "-"
-    m, s = stat["mean"], stat["std"] or 0.0
-    if stat.get("n") == 1:  # one seed: no spread to show
-        return f"{100 * m:.1f}%" if pct else f"{m:.{digits}f}"
-    if pct:
-        return f"{100 * m:.1f} ± {100 * s:.1f}%"
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
-
-
 def markdown(payload: dict[str, Any], plots: list[str]) -> str:
-    s = payload["settings"]
-    variants = payload["variants"]
+    s, variants, an = payload["settings"], payload["variants"], payload["analysis"]
     shown = [n for n, v in variants.items() if v["runs"]]
+    budget = an["time_budget_s"]
     lines = [
-        "## Quality at equal steps",
+        "## Held-out loss at equal steps and at equal wall time",
         "",
         f"{s['model']} + LoRA on the built-in mixture, {s['steps']} steps, source batch "
-        f"{s['source_batch']} -> coreset {s['coreset']} (full: all {s['source_batch']}), "
-        f"{s['max_length']} tokens; mean ± std over the n seeds of each variant "
-        f"(`{payload['command']}`, {payload['date']}, "
-        f"{payload['machine']['cpu_affinity']} CPUs, {payload['machine']['torch_threads']} torch threads"
+        f"{s['source_batch']} -> coreset {s['coreset']}, {s['max_length']} tokens, "
+        f"held-out loss on {s['heldout_examples']} examples ({s['per_source']} per source); "
+        f"`{payload['command']}`, {payload['date']}, {payload['machine']['processor']}, "
+        f"{payload['machine']['cpu_affinity']} CPUs, {payload['machine']['torch_threads']} torch "
+        "threads"
         + (f", {payload['machine']['gpu']}" if payload["machine"].get("gpu") else "")
-        + ").",
+        + ".",
         "",
-        "| variant | n | held-out loss (in) | held-out loss (out) | accuracy (in) "
-        "| accuracy (out) | time/step | train time |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"Equal time: after {budget:.0f} s of training (all steps of the fastest variant)."
+        if budget
+        else "",
+        "",
+        "| variant | seeds | s / step | held-out loss (in), last step | (out) | at equal time (in) "
+        "| (out) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def mc(v, key):
+        m, h = _mean_ci([r.get(key) for r in v["runs"]])
+        return "-" if math.isnan(m) else f"{m:.4f} ± {h:.4f}"
+
     for n in shown:
-        a = variants[n]["aggregate"]
+        v = variants[n]
+        tps = v["time_per_step_s"]
         lines.append(
-            f"| {n} | {len(variants[n]['runs'])} | {_ms(a['loss_in'])} | {_ms(a['loss_out'])} | {_ms(a['acc_in'], pct=True)} "
-            f"| {_ms(a['acc_out'], pct=True)} | {_ms(a['time_per_step_s'], 2)} s "
-            f"| {_ms(a['train_wall_s'], 0)} s |"
+            f"| {n} | {len(v['runs'])} | {tps:.2f} | {mc(v, 'final_loss_in')} | "
+            f"{mc(v, 'final_loss_out')} | {mc(v, 'time_loss_in')} | {mc(v, 'time_loss_out')} |"
         )
-    sources: list[str] = []
-    for n in shown:
-        sources += [x for x in variants[n]["aggregate"]["heldout_loss"] if x not in sources]
-    if sources:
+    refs = [r for r in REFERENCES if r in shown]
+    for what, title in (
+        ("final_loss_in", "at equal steps (in domain)"),
+        ("time_loss_in", "at equal wall time (in domain)"),
+        ("final_loss_out", "at equal steps (out of domain)"),
+        ("time_loss_out", "at equal wall time (out of domain)"),
+    ):
         lines += [
             "",
-            "Final held-out loss per source ((out): not trained on, out of domain):",
+            f"Paired by seed, {title}: variant minus reference, mean [95% CI] (seeds lower). "
+            "**Bold**: the interval excludes zero.",
             "",
-            "| source | " + " | ".join(shown) + " |",
-            "|---|" + "---:|" * len(shown),
-        ]
-        ood = {x for n in shown for r in variants[n]["runs"] for x in r.get("ood_sources", [])}
-        for src in sources:
-            cells = [_ms(variants[n]["aggregate"]["heldout_loss"].get(src)) for n in shown]
-            label = f"{src} (out)" if src in ood else src
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    refs = [r for r in ("random", "full") if variants.get(r, {}).get("runs")]
-    if refs and len(shown) > 1:
-        lines += [
-            "",
-            "Paired by seed (same LoRA initialisation and data order): held-out loss (in) minus "
-            "the reference's, mean ± std over the seeds both ran, and on how many of them the "
-            "variant's loss was lower. Negative is better than the reference.",
-            "",
-            "| variant | " + " | ".join(f"vs {r}" for r in refs) + " |",
+            "| variant | " + " | ".join(f"− {r}" for r in refs) + " |",
             "|---|" + "---:|" * len(refs),
         ]
         for n in shown:
             cells = []
             for r in refs:
-                if n == r:
-                    cells.append("–")
-                    continue
-                d = paired(variants[n]["runs"], variants[r]["runs"], "loss_in")
-                cells.append(f"{_ms(d)} ({d['lower']}/{d['n']} lower)" if d["n"] else "-")
+                ci = an["comparisons"][n].get(r, {}).get(what)
+                text = fmt_ci(ci) if ci else "–"
+                cells.append(f"**{text}**" if ci and excludes_zero(ci) else text)
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines += [""]
     for name in plots:
         lines += [f"![{name[:-4].replace('_', ' ')}]({name})", ""]
-    lines += ["Notes:", ""]
-    lines += [f"- {note}" for note in payload["notes"]]
-    for n, why in payload["skipped"].items():
-        lines.append(f"- `{n}` not run: {why}")
+    lines += ["Variants:", ""]
     for n in shown:
         lines.append(
-            f"- `{n}`: {variants[n]['description']} ({' '.join(variants[n]['overrides'])})"
+            f"- `{n}`: {variants[n]['description']} (`{' '.join(variants[n]['overrides'])}`)"
         )
+    for n in payload["failed"]:
+        lines.append(f"- failed: {n} (see its log under runs/)")
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -467,13 +484,8 @@ def markdown(payload: dict[str, Any], plots: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
-    p.add_argument("--variants", default="default", help="comma list, 'default' or 'all'")
-    p.add_argument("--seeds", default=None, help='comma list (default "0,1,2")')
-    p.add_argument(
-        "--ablation-seeds",
-        default=None,
-        help="comma list for the variants outside full/random/colm (default: --seeds)",
-    )
+    p.add_argument("--variants", default="protocol", help="comma list, 'protocol' or 'all'")
+    p.add_argument("--seeds", default=None, help='comma list (default "0,1,2,3,4")')
     p.add_argument("--steps", type=int, default=None, help="override train.steps")
     p.add_argument("--model", default=None, help="override model.name (a directory)")
     p.add_argument("--device", default=None, help="cpu hides GPUs from the runs (default: any)")
@@ -481,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="folder (benchmarks/results/quality)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     p.add_argument("--force", action="store_true", help="rerun finished runs")
-    p.add_argument("--quick", action="store_true", help="tiny model, small mixture, 2 steps")
+    p.add_argument("--report-only", action="store_true", help="aggregate the finished runs only")
+    p.add_argument("--quick", action="store_true", help="tiny model, small mixture, 4 steps")
     args = p.parse_args(argv)
 
     config = Path(args.config)
@@ -489,80 +502,61 @@ def main(argv: list[str] | None = None) -> int:
         args.out or ROOT / "benchmarks/results" / ("quality_quick" if args.quick else "quality")
     )
     out.mkdir(parents=True, exist_ok=True)
-    seeds = [int(x) for x in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
-    ablation_seeds = (
-        [int(x) for x in args.ablation_seeds.split(",")] if args.ablation_seeds else seeds
-    )
+    seeds = [int(x) for x in (args.seeds or ("0" if args.quick else "0,1,2,3,4")).split(",")]
     names = parse_variants(args.variants)
-    notes = [
-        "`accumulate` trains on the same examples as `full` with the same gradient (only "
-        "the memory/time differ, see bench_step.py), so it is skipped unless named.",
-        "Training loss is over the examples each method trained on (the coreset for colm "
-        "and random, the whole batch for full), so its level is not comparable across "
-        "methods; compare held-out losses.",
-        "The mixture (train and test splits) is the same for every seed (data.mixture.seed); "
-        "a seed changes LoRA initialisation, data order and the selector's directions.",
-    ]
-    if "accumulate" in names:
-        notes = notes[1:]
-
     common: list[str] = []
     model = args.model
     if args.quick:
         common += QUICK_OVERRIDES
         if model is None:
             model = str(make_tiny_model_dir(out / "tiny-model"))
-        notes.append("--quick: a tiny random model and a small mixture; numbers are meaningless.")
     if model:
         common.append(f"model.name={model}")
-    steps = args.steps or (2 if args.quick else None)
-    if steps:
-        common.append(f"train.steps={steps}")
+    if args.steps:
+        common.append(f"train.steps={args.steps}")
     common += args.set
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
-    elif args.device and args.device.startswith("cuda"):
-        import torch
 
-        if not torch.cuda.is_available():
-            p.error("--device cuda, but torch sees no GPU")
-
-    base = resolved_config(config, common)
+    base_cfg = resolved_config(config, common)
+    base = base_point(config, common, out / "finished" / "base.json")
     variants: dict[str, dict] = {}
-    skipped: dict[str, str] = {}
-    failed: list[str] = []
-    wanted: list[tuple[str, list[int]]] = []
     for name in names:
-        ok, why = variant_available(name)
-        if not ok:
-            skipped[name] = why
-            log(f"skipping {name}: {why}")
-            continue
-        overrides, description = VARIANTS[name]
-        variants[name] = {"overrides": overrides, "description": description, "runs": []}
-        wanted.append((name, ablation_seeds if name not in DEFAULT_VARIANTS else seeds))
-    for name, seed in run_order(wanted):
-        overrides = variants[name]["overrides"]
+        variants[name] = {
+            "overrides": variant_overrides(name, base_cfg),
+            "description": VARIANTS[name][1],
+            "runs": [],
+        }
+    failed: list[str] = []
+    for name, seed in run_order([(n, seeds) for n in names]):
+        ov = variants[name]["overrides"]
         run_dir = out / "runs" / f"{name}-seed{seed}"
-        ov = [*common, *overrides, f"name={name}", f"output_dir={run_dir}", f"train.seed={seed}"]
-        res = run_one(config, ov, run_dir, env, args.timeout, args.force)
-        if res["returncode"] != 0 or not (run_dir / "eval.json").exists():
+        ov = [*common, *ov, f"name={name}", f"output_dir={run_dir}", f"train.seed={seed}"]
+        record = out / "finished" / f"{name}-seed{seed}.json"
+        if args.report_only:
+            want = _key(resolved_config(config, ov))
+            rec = json.loads(record.read_text()) if record.exists() else None
+            rec = rec if rec and rec.get("config") == want else None
+            if rec is None:
+                continue
+        else:
+            rec = run_one(config, ov, run_dir, record, env, args.timeout, args.force)
+        if rec is None:
             failed.append(f"{name}-seed{seed}")
-            log(f"{name}-seed{seed} failed; see {run_dir.parent / (run_dir.name + '.log')}")
             continue
-        metrics = run_metrics(run_dir)
-        variants[name]["runs"].append({"seed": seed, "dir": str(run_dir), **res, **metrics})
-    for name in variants:
-        variants[name]["runs"].sort(key=lambda r: r["seed"])
-        variants[name]["aggregate"] = aggregate(variants[name]["runs"])
+        variants[name]["runs"].append(
+            {"seed": seed, **{k: v for k, v in rec.items() if k != "config"}}
+        )
 
-    plots = plot_curves(variants, out)
+    analysis = analyse(variants, base)
+    plots = plot_curves(variants, base, analysis, out)
     from colm.config import load_config
 
-    t = base["train"]
-    coreset = load_config(config, common).selector_config().coreset_size(t["source_batch"])
+    cfg = load_config(config, common)
+    t = cfg.train
+    per_source = cfg.eval.limit_per_task or cfg.data.mixture.get("test_per_source", 20)
     device = "cuda" if args.device != "cpu" and _cuda() else "cpu"
     payload = {
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
@@ -570,29 +564,29 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(device, default_threads()),
         "config": str(config),
         "settings": {
-            "model": base["model"]["name"],
-            "steps": t["steps"],
-            "source_batch": t["source_batch"],
-            "coreset": coreset,
-            "max_length": base["data"]["max_length"],
-            "eval": base["eval"],
+            "model": cfg.model.name,
+            "steps": t.steps,
+            "source_batch": t.source_batch,
+            "coreset": cfg.selector_config().coreset_size(t.source_batch),
+            "max_length": cfg.data.max_length,
+            "per_source": per_source,
+            "heldout_examples": len(base["point"]["loss"]) * per_source,
+            "eval": base_cfg["eval"],
             "overrides": common,
         },
         "seeds": seeds,
+        "base": base,
         "variants": variants,
-        "skipped": skipped,
+        "analysis": analysis,
         "failed": failed,
-        "notes": notes,
         "plots": plots,
     }
     (out / "quality.json").write_text(json.dumps(payload, indent=1))
     md = markdown(payload, plots)
     (out / "quality.md").write_text(md)
     print(md)
-    print(
-        f"wrote {out / 'quality.json'}, {out / 'quality.md'} and {', '.join(plots) or 'no plots'}"
-    )
-    return 1 if failed else 0
+    print(f"wrote {out / 'quality.json'}, {out / 'quality.md'} and {', '.join(plots)}")
+    return 1 if failed and not args.report_only else 0
 
 
 def _cuda() -> bool:

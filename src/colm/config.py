@@ -28,6 +28,10 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+# train.lr_scheduler -> the Trainer's lr_scheduler_type (every one with the warm-up)
+LR_SCHEDULERS = {"linear": "linear", "constant": "constant_with_warmup", "cosine": "cosine"}
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid."""
 
@@ -79,6 +83,8 @@ class TrainSettings:
     micro_batches: int = 2  # micro-batches per step (gradient accumulation)
     lr: float = 2e-4
     warmup_ratio: float = 0.03
+    lr_scheduler: str = "linear"  # linear | constant | cosine (after the warm-up)
+    adam_beta2: float = 0.999  # AdamW's second-moment decay
     weight_decay: float = 0.0
     seed: int = 0
     logging_steps: int = 1
@@ -92,6 +98,9 @@ class EvalSettings:
     max_new_tokens: int = 48
     batch_size: int = 16
     limit_per_task: int | None = None  # cap examples per task (None: all)
+    generate: bool = True  # generation accuracy at the end (built-in mixture only)
+    every: int = 0  # held-out loss every N steps during training (0: only at the end)
+    at_start: bool = False  # held-out loss of the untrained model, before step 1
 
 
 @dataclass
@@ -111,8 +120,12 @@ class RunConfig:
         # values whose wrong type SelectorConfig would report confusingly
         if "ratio" in sel and not _is_number(sel["ratio"]):
             _bad("selector.ratio", sel["ratio"], "a number in (0, 1]")
+        fields = {k: v for k, v in sel.items() if k != "preset"}
+        fields["seed"] = sel.get("seed", self.train.seed)
         try:
-            return SelectorConfig(**{**sel, "seed": sel.get("seed", self.train.seed)})
+            if "preset" in sel:
+                return SelectorConfig.preset(sel["preset"], **fields)
+            return SelectorConfig(**fields)
         except TypeError as e:
             valid = [f.name for f in dataclasses.fields(SelectorConfig)]
             raise ConfigError(f"selector: {e}; valid keys: {valid}") from e
@@ -151,6 +164,18 @@ class RunConfig:
             bad("train.lr", t.lr, "a number > 0")
         if not (_is_number(t.warmup_ratio) and 0 <= t.warmup_ratio < 1):
             bad("train.warmup_ratio", t.warmup_ratio, "a number in [0, 1)")
+        if t.lr_scheduler not in LR_SCHEDULERS:
+            bad("train.lr_scheduler", t.lr_scheduler, f"one of {tuple(LR_SCHEDULERS)}")
+        if not (_is_number(t.adam_beta2) and 0 < t.adam_beta2 < 1):
+            bad("train.adam_beta2", t.adam_beta2, "a number in (0, 1), e.g. 0.999")
+        e = self.eval
+        if not _is_int(e.every) or e.every < 0:
+            bad("eval.every", e.every, "an integer >= 0 (steps between held-out evaluations)")
+        for key in ("enabled", "generate", "at_start"):
+            if not isinstance(getattr(e, key), bool):
+                bad(f"eval.{key}", getattr(e, key), "true or false")
+        if e.limit_per_task is not None and (not _is_int(e.limit_per_task) or e.limit_per_task < 1):
+            bad("eval.limit_per_task", e.limit_per_task, "an integer >= 1 or null (all)")
         if not _is_int(d.max_length) or d.max_length < 8:
             bad("data.max_length", d.max_length, "an integer >= 8")
         if d.overflow not in ("truncate", "drop"):

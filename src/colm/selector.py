@@ -32,6 +32,26 @@ METRICS = ("l1", "l2", "cosine")
 WEIGHTS = ("uniform", "cluster")
 
 
+# Named configurations; every field not named takes the SelectorConfig default.
+PRESETS: dict[str, dict[str, Any]] = {
+    # CoLM exactly as the paper configures it (METHOD.md): zeroth-order features with one
+    # fresh direction per step, the selector's own Adam moments from zero, top-2560
+    # coordinates per source, L1 facility location per source, uniform weights
+    "paper": {
+        "method": "colm",
+        "small_sources": "below_mean",
+        "feature": "zo",
+        "num_directions": 1,
+        "eps": 1e-3,
+        "adam": True,
+        "topk_dims": 2560,
+        "metric": "l1",
+        "weights": "uniform",
+        "per_source": True,
+    },
+}
+
+
 @dataclass
 class SelectorConfig:
     """Configuration of :class:`CoresetSelector` (defaults follow the paper).
@@ -115,6 +135,16 @@ class SelectorConfig:
         sm = self.small_sources
         if isinstance(sm, str) and sm != "below_mean":
             bad("small_sources", sm, "'below_mean', a number c > 0, or a list of source names")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> SelectorConfig:
+        """A named configuration, with ``overrides`` on top: ``SelectorConfig.preset("paper")``
+        is CoLM as the paper configures it (see :data:`PRESETS`)."""
+        if name not in PRESETS:
+            raise ValueError(
+                f"SelectorConfig.preset={name!r} is invalid; expected one of {tuple(PRESETS)}"
+            )
+        return cls(**{**PRESETS[name], **overrides})
 
     def coreset_size(self, batch_size: int) -> int:
         """Coreset size for a source batch of ``batch_size`` examples."""

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from .config import ConfigError, RunConfig, save_config
+from .config import LR_SCHEDULERS, ConfigError, RunConfig, save_config
 
 
 class NonFiniteLossError(RuntimeError):
@@ -135,28 +135,106 @@ def check_feature_block(cfg: RunConfig, model) -> None:
         ) from e
 
 
+class _Clock:
+    """Training wall time: time since training began (plus what a resumed run had
+    already spent), without the time spent in held-out evaluations."""
+
+    def __init__(self, offset: float = 0.0):
+        self.offset = offset
+        self.t0 = time.perf_counter()
+        self.paused = 0.0
+
+    def start(self) -> None:
+        self.t0, self.paused = time.perf_counter(), 0.0
+
+    def elapsed(self) -> float:
+        return self.offset + time.perf_counter() - self.t0 - self.paused
+
+
 class _MetricsWriter(TrainerCallback):
     """Trainer callback appending each log as one JSON line (flushed, never partial)."""
 
-    def __init__(self, path: Path, time_offset: float = 0.0):
+    def __init__(self, path: Path, clock: _Clock):
         self.path = path
-        self.offset = time_offset  # wall time already spent before a resume
-        self.t0 = time.perf_counter()
+        self.clock = clock
 
     def on_train_begin(self, args, state, control, **kw):
-        self.t0 = time.perf_counter()
+        self.clock.start()
 
     def on_log(self, args, state, control, logs=None, **kw):
         if not state.is_world_process_zero or not logs:
             return
-        wall = self.offset + time.perf_counter() - self.t0
-        rec = {"step": state.global_step, "wall_time": wall, **logs}
-        line = json.dumps(rec) + "\n"
-        # one write of a whole line in append mode: a crash leaves whole lines only
-        with open(self.path, "a") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        _append_line(
+            self.path, {"step": state.global_step, "wall_time": self.clock.elapsed(), **logs}
+        )
+
+
+def _append_line(path: Path, record: Mapping[str, Any]) -> None:
+    """One write of a whole JSON line in append mode: a crash leaves whole lines only."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class _HeldoutCurve(TrainerCallback):
+    """Held-out loss per source during training: every ``every`` steps (and, with
+    ``at_start``, once before step 1), one line in ``heldout.jsonl`` with the step, the
+    training wall time reached (evaluations excluded) and the loss per source. The
+    last step's point is written by :func:`run_training` from the final evaluation,
+    so it is not computed twice. Main process only; the time it takes is not counted
+    as training time."""
+
+    def __init__(self, path, clock, tokenizer, test_in, test_out, cfg: RunConfig, final_eval: bool):
+        self.path, self.clock, self.tokenizer = path, clock, tokenizer
+        self.test_in, self.test_out = test_in, test_out
+        self.every, self.at_start = cfg.eval.every, cfg.eval.at_start
+        self.max_length, self.batch_size = cfg.data.max_length, cfg.eval.batch_size
+        self.final_eval = final_eval
+
+    def measure(self, model, step: int) -> None:
+        from .evaluate import heldout_loss
+
+        t0 = time.perf_counter()
+        loss: dict[str, dict[str, float]] = {}
+        for split, records in (("in", self.test_in), ("out", self.test_out)):
+            if records:
+                loss[split] = heldout_loss(
+                    model, self.tokenizer, records, self.max_length, self.batch_size
+                )
+        seconds = time.perf_counter() - t0
+        self.clock.paused += seconds
+        _append_line(self.path, heldout_record(step, self.clock.elapsed(), loss, seconds))
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        if self.at_start and state.global_step == 0 and state.is_world_process_zero:
+            self.measure(model, 0)
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        step = state.global_step
+        if not self.every or step % self.every or not state.is_world_process_zero:
+            return
+        if step == state.max_steps and self.final_eval:
+            return  # the final evaluation gives this point
+        self.measure(model, step)
+
+
+def heldout_record(step: int, wall: float, loss: Mapping[str, Mapping[str, float]], seconds):
+    """One line of heldout.jsonl: losses per source and the in/out-of-domain means."""
+
+    def mean(d):
+        vals = list(d.values())
+        return sum(vals) / len(vals) if vals else None
+
+    return {
+        "step": step,
+        "wall_time": wall,
+        "loss": {**loss.get("in", {}), **loss.get("out", {})},
+        "loss_in": mean(loss.get("in", {})),
+        "loss_out": mean(loss.get("out", {})),
+        "sources_out": sorted(loss.get("out", {})),
+        "seconds": seconds,
+    }
 
 
 def _world_size() -> int:
@@ -388,6 +466,7 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
     run = Path(cfg.output_dir)
     run.mkdir(parents=True, exist_ok=True)
     metrics = run / "metrics.jsonl"
+    curve = run / "heldout.jsonl"
     main = _is_main_process()  # under torchrun, only rank 0 writes run files
     checkpoint, time_offset = None, 0.0
     if resume:
@@ -400,15 +479,17 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
         step = int(checkpoint.rsplit("-", 1)[1])
         if main:
             time_offset = _keep_metrics_until(metrics, step)
+            _keep_metrics_until(curve, step)
         _log(f"resuming from {checkpoint}")
     elif main:
         save_config(cfg, run / "config.yaml")
-        if metrics.exists():
-            metrics.unlink()
+        for old in (metrics, curve):
+            if old.exists():
+                old.unlink()
     selector_cfg = cfg.selector_config()
 
     _log(f"run directory {run}")
-    train_records, _, _ = load_data(cfg)
+    train_records, test_in, test_out = load_data(cfg)
     cfg.validate_data(source_counts(train_records))  # before the model is loaded
     model, tokenizer = build_model(cfg)
     check_feature_block(cfg, model)  # before training starts
@@ -428,7 +509,8 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
         gradient_accumulation_steps=t.micro_batches,
         max_steps=t.steps,
         learning_rate=t.lr,
-        lr_scheduler_type="linear",
+        lr_scheduler_type=LR_SCHEDULERS[t.lr_scheduler],
+        adam_beta2=t.adam_beta2,
         warmup_steps=math.ceil(t.warmup_ratio * t.steps),
         weight_decay=t.weight_decay,
         logging_steps=t.logging_steps,
@@ -443,6 +525,13 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
         use_cpu=not torch.cuda.is_available(),
     )
     guard = _StopOnNonFinite(run, t.lr)
+    clock = _Clock(time_offset)
+    callbacks = [_MetricsWriter(metrics, clock), _StopOnSignal(), guard]
+    if cfg.eval.every or cfg.eval.at_start:
+        test_in, test_out = _limited(cfg, test_in, test_out)
+        callbacks.append(
+            _HeldoutCurve(curve, clock, tokenizer, test_in, test_out, cfg, cfg.eval.enabled)
+        )
     trainer = CoLMTrainer(
         model=model,
         args=args,
@@ -451,7 +540,7 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
         processing_class=tokenizer,
         colm_config=selector_cfg,
         colm_method=t.method,
-        callbacks=[_MetricsWriter(metrics, time_offset), _StopOnSignal(), guard],
+        callbacks=callbacks,
     )
     guard.trainer = trainer
     _install_nan_fault(model, guard)
@@ -473,7 +562,14 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
         torch.save(trainer.colm_selector.state_dict(), run / "selector.pt")
     (run / "memory.json").write_text(json.dumps({"peak_mb": peak_memory_mb()}))
     if cfg.eval.enabled:
-        run_eval(run, model=model, tokenizer=tokenizer, cfg=cfg)
+        wall = clock.elapsed()
+        result = run_eval(run, model=model, tokenizer=tokenizer, cfg=cfg)
+        if cfg.eval.every or cfg.eval.at_start:  # the curve's last point
+            split = {"in": {}, "out": {}}
+            ood = {r["source"] for r in test_out}
+            for src, value in result["loss"].items():
+                split["out" if src in ood else "in"][src] = value
+            _append_line(curve, heldout_record(t.steps, wall, split, result["seconds"]))
     return run
 
 
@@ -507,8 +603,7 @@ def run_eval(run: Path, model=None, tokenizer=None, cfg: RunConfig | None = None
             model = base
     _, test_in, test_out = load_data(cfg)
     e = cfg.eval
-    if e.limit_per_task:
-        test_in, test_out = _limit(test_in, e.limit_per_task), _limit(test_out, e.limit_per_task)
+    test_in, test_out = _limited(cfg, test_in, test_out)
     result = evaluate(
         model,
         tokenizer,
@@ -518,11 +613,17 @@ def run_eval(run: Path, model=None, tokenizer=None, cfg: RunConfig | None = None
         max_new_tokens=e.max_new_tokens,
         batch_size=e.batch_size,
         # answer checkers exist for the built-in generators only; user data gets held-out loss
-        generate=cfg.data.path is None,
+        generate=e.generate and cfg.data.path is None,
     )
     write_eval(result, run / "eval.json")
     print(format_table(result))
     return result
+
+
+def _limited(cfg: RunConfig, test_in: list[dict], test_out: list[dict]):
+    """The held-out sets as evaluated: at most eval.limit_per_task examples per task."""
+    n = cfg.eval.limit_per_task
+    return (_limit(test_in, n), _limit(test_out, n)) if n else (test_in, test_out)
 
 
 def _limit(records: list[dict], n: int) -> list[dict]:

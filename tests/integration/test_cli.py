@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 
 from colm.cli import main
@@ -134,3 +135,58 @@ def test_missing_source_column_is_a_clear_error(tmp_path, tiny_model_dir, capsys
     assert main(["train", str(cfg), f"data.path={data}", f"output_dir={tmp_path / 'x'}"]) == 2
     err = capsys.readouterr().err
     assert "colm: error:" in err and "'source'" in err
+
+
+def test_heldout_curve_during_training(tmp_path, tiny_model_dir):
+    """eval.every / eval.at_start: held-out loss per source at steps 0, 2, 4 in heldout.jsonl;
+    the step-2 point is the loss of the step-2 checkpoint, the last one eval.json's; the
+    constant schedule and adam_beta2 reach the Trainer."""
+    from peft import PeftModel
+
+    from colm.config import load_config
+    from colm.evaluate import heldout_loss
+    from colm.models import load_model
+    from colm.train import _limited, load_data
+
+    cfg = _config(tmp_path, tiny_model_dir)
+    run = tmp_path / "curve"
+    overrides = [
+        f"output_dir={run}",
+        "train.steps=4",
+        "train.lr_scheduler=constant",
+        "train.warmup_ratio=0.25",
+        "train.adam_beta2=0.99",
+        "eval.every=2",
+        "eval.at_start=true",
+        "eval.generate=false",
+    ]
+    assert main(["train", str(cfg), *overrides]) == 0
+    points = [json.loads(x) for x in (run / "heldout.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in points] == [0, 2, 4]
+    walls = [p["wall_time"] for p in points]
+    assert walls == sorted(walls)
+    ev = json.loads((run / "eval.json").read_text())
+    assert points[-1]["loss"] == pytest.approx(ev["loss"])
+    assert not ev["accuracy_in"]  # eval.generate=false
+    assert points[0]["sources_out"] == ["products"]
+    assert points[0]["loss_out"] == pytest.approx(points[0]["loss"]["products"])
+
+    rc = load_config(run / "config.yaml")
+    _, test_in, test_out = load_data(rc)
+    test_in, test_out = _limited(rc, test_in, test_out)
+    base, tok = load_model(str(tiny_model_dir))
+    before = heldout_loss(base, tok, test_in, max_length=96)
+    assert points[0]["loss"]["basic_arithmetic"] == pytest.approx(before["basic_arithmetic"])
+    at2 = PeftModel.from_pretrained(base, str(run / "checkpoints" / "checkpoint-2"))
+    mid = heldout_loss(at2, tok, test_in, max_length=96)
+    assert points[1]["loss"]["chain_sum"] == pytest.approx(mid["chain_sum"], rel=1e-5)
+    assert points[1]["loss"]["chain_sum"] != pytest.approx(points[0]["loss"]["chain_sum"])
+
+    lrs = [
+        x["learning_rate"]
+        for x in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        if "learning_rate" in x
+    ]
+    assert lrs[1:] == pytest.approx([lrs[-1]] * 3)  # warm-up of 1 step, then constant
+    optim = torch.load(run / "checkpoints" / "checkpoint-4" / "optimizer.pt", weights_only=True)
+    assert optim["param_groups"][0]["betas"][1] == pytest.approx(0.99)
