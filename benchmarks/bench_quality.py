@@ -234,7 +234,7 @@ def base_point(config: Path, common: list[str], path: Path) -> dict[str, Any]:
         rec = json.loads(path.read_text())
         if rec.get("config") == want:
             return rec
-    from colm.config import load_config
+    from colm.config import eval_max_length, load_config
     from colm.evaluate import heldout_loss
     from colm.models import load_model
     from colm.train import _limited, heldout_record, load_data
@@ -246,7 +246,7 @@ def base_point(config: Path, common: list[str], path: Path) -> dict[str, Any]:
     log("held-out loss of the untrained model")
     t0 = time.perf_counter()
     loss = {
-        split: heldout_loss(model, tok, recs, cfg.data.max_length, cfg.eval.batch_size)
+        split: heldout_loss(model, tok, recs, eval_max_length(cfg), cfg.eval.batch_size)
         for split, recs in (("in", test_in), ("out", test_out))
         if recs
     }

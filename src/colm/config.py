@@ -98,9 +98,15 @@ class EvalSettings:
     max_new_tokens: int = 48
     batch_size: int = 16
     limit_per_task: int | None = None  # cap examples per task (None: all)
+    max_length: int | None = None  # tokens per held-out example (None: data.max_length)
     generate: bool = True  # generation accuracy at the end (built-in mixture only)
     every: int = 0  # held-out loss every N steps during training (0: only at the end)
     at_start: bool = False  # held-out loss of the untrained model, before step 1
+
+
+def eval_max_length(cfg: RunConfig) -> int:
+    """Tokens per held-out example: eval.max_length, else data.max_length."""
+    return cfg.eval.max_length or cfg.data.max_length
 
 
 @dataclass
@@ -171,6 +177,8 @@ class RunConfig:
         e = self.eval
         if not _is_int(e.every) or e.every < 0:
             bad("eval.every", e.every, "an integer >= 0 (steps between held-out evaluations)")
+        if e.max_length is not None and (not _is_int(e.max_length) or e.max_length < 8):
+            bad("eval.max_length", e.max_length, "an integer >= 8 or null (data.max_length)")
         for key in ("enabled", "generate", "at_start"):
             if not isinstance(getattr(e, key), bool):
                 bad(f"eval.{key}", getattr(e, key), "true or false")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from .config import LR_SCHEDULERS, ConfigError, RunConfig, save_config
+from .config import LR_SCHEDULERS, ConfigError, RunConfig, eval_max_length, save_config
 
 
 class NonFiniteLossError(RuntimeError):
@@ -189,7 +189,7 @@ class _HeldoutCurve(TrainerCallback):
         self.path, self.clock, self.tokenizer = path, clock, tokenizer
         self.test_in, self.test_out = test_in, test_out
         self.every, self.at_start = cfg.eval.every, cfg.eval.at_start
-        self.max_length, self.batch_size = cfg.data.max_length, cfg.eval.batch_size
+        self.max_length, self.batch_size = eval_max_length(cfg), cfg.eval.batch_size
         self.final_eval = final_eval
 
     def measure(self, model, step: int) -> None:
@@ -609,7 +609,7 @@ def run_eval(run: Path, model=None, tokenizer=None, cfg: RunConfig | None = None
         tokenizer,
         test_in,
         test_out,
-        max_length=cfg.data.max_length,
+        max_length=eval_max_length(cfg),
         max_new_tokens=e.max_new_tokens,
         batch_size=e.batch_size,
         # answer checkers exist for the built-in generators only; user data gets held-out loss
