@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from colm.facility import (
     FacilityLocationResult,
-    _greedy_cpu,
     _greedy_device,
+    _greedy_lazy,
     facility_location,
     pairwise_distances,
 )
@@ -149,7 +149,7 @@ def test_sync_free_device_loop_matches_cpu_loop(rows, k) -> None:
     sim = similarity_of(torch.tensor(rows, dtype=torch.float64))
     k = min(k, len(rows))
     cand = sim.T.contiguous()
-    cpu = _greedy_cpu(cand, k)
+    cpu = _greedy_lazy(cand, k)
     dev = _greedy_device(cand, k)
     for a, b in zip(cpu, dev):
         assert torch.equal(a, b)
@@ -464,3 +464,18 @@ def test_overflowing_distances_are_reported(metric: str) -> None:
 def test_errors(kwargs, error, match) -> None:
     with pytest.raises(error, match=match):
         facility_location(**kwargs)
+
+
+@pytest.mark.parametrize("n, metric", [(64, "l1"), (300, "l1"), (200, "cosine")])
+def test_lazy_greedy_equals_plain_greedy_at_coreset_sizes(n: int, metric: str) -> None:
+    # the CPU fast path (lazy heap) against the plain vectorised greedy, float32, with
+    # near-ties as real features make them
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(n, 256, generator=gen) * torch.rand(n, 1, generator=gen)
+    sim = similarity_of(x, metric)
+    cand = sim.T.contiguous()
+    lazy = _greedy_lazy(cand, n // 2)
+    plain = _greedy_device(cand, n // 2)
+    assert torch.equal(lazy[0], plain[0])
+    assert torch.allclose(lazy[1], plain[1], rtol=1e-5)
+    assert torch.allclose(lazy[2], plain[2])
