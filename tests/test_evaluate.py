@@ -115,6 +115,34 @@ def test_heldout_loss_matches_per_example_twin(tokenizer, mixture, batch_size):
         assert got[source] == pytest.approx(want[source], rel=1e-5)
 
 
+class _NoSlicing(torch.nn.Module):
+    """A causal LM whose forward takes no logits_to_keep (the plain path must be used)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.calls = []
+
+    def forward(self, input_ids, attention_mask):
+        self.calls.append(input_ids.shape)
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_heldout_loss_logits_at_label_positions_only_and_the_plain_fallback(tokenizer, mixture):
+    model = tiny_lm(tokenizer)
+    records = mixture.test_in + mixture.test_out
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    fast = ev.heldout_loss(model, tokenizer, records, max_length=256, batch_size=4)
+    hook.remove()
+    assert all(len(shape) == 2 for shape in seen)  # [label tokens, vocab]: sliced
+    plain_model = _NoSlicing(model)
+    plain = ev.heldout_loss(plain_model, tokenizer, records, max_length=256, batch_size=4)
+    assert len(plain_model.calls) > 1  # every batch went the plain way
+    for source in fast:
+        assert fast[source] == pytest.approx(plain[source], rel=1e-5)
+
+
 def test_heldout_loss_restores_training_mode_and_grad(tokenizer, mixture):
     model = tiny_lm(tokenizer).train()
     ev.heldout_loss(model, tokenizer, mixture.test_in[:2])

@@ -138,30 +138,61 @@ def heldout_loss(
     device = _device(model)
     sums: dict[str, float] = {ex["source"]: 0.0 for ex in examples}
     counts: dict[str, int] = dict.fromkeys(sums, 0)
+    fast = True  # logits at label positions only, until the model shows it cannot
     with _eval_mode(model), _progress(len(examples), desc, progress) as bar:
         for start in range(0, len(order), batch_size):
             batch = collate([examples[i] for i in order[start : start + batch_size]])
             sources = batch.pop("source")  # models do not take it
             labels = batch.pop("labels").to(device)
-            logits = model(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-            ).logits
-            target = labels[:, 1:]
-            token_loss = F.cross_entropy(
-                logits[:, :-1].float().transpose(1, 2),
-                target,
-                ignore_index=IGNORE_INDEX,
-                reduction="none",
-            )
-            mask = target != IGNORE_INDEX
-            per_sum = (token_loss * mask).sum(dim=1).tolist()
-            per_n = mask.sum(dim=1).tolist()
-            for source, s, n in zip(sources, per_sum, per_n):
+            inputs = {
+                "input_ids": batch["input_ids"].to(device),
+                "attention_mask": batch["attention_mask"].to(device),
+            }
+            per_sum = per_n = None
+            if fast:
+                per_sum, per_n = _label_token_losses(model, inputs, labels)
+                fast = per_sum is not None
+            if per_sum is None:
+                per_sum, per_n = _all_token_losses(model, inputs, labels)
+            for source, s, n in zip(sources, per_sum.tolist(), per_n.tolist()):
                 sums[source] += s
                 counts[source] += n
             bar.update(len(sources))
     return {s: (sums[s] / counts[s] if counts[s] else math.nan) for s in sums}
+
+
+def _all_token_losses(model, inputs, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example: summed cross-entropy over its label tokens, and their count (the
+    plain way: logits at every position)."""
+    logits = model(**inputs).logits
+    target = labels[:, 1:]
+    token_loss = F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    mask = target != IGNORE_INDEX
+    return (token_loss * mask).sum(dim=1), mask.sum(dim=1)
+
+
+def _label_token_losses(model, inputs, labels) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """As :func:`_all_token_losses`, with the LM head applied only where a label token is
+    predicted (transformers' boolean ``logits_to_keep``): most positions are prompt, and
+    the head over a large vocabulary is a good part of the forward pass. ``(None, None)``
+    when the model does not take such a mask (its logits come back unsliced)."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    try:
+        logits = model(**inputs, logits_to_keep=keep).logits
+    except TypeError:  # a forward without logits_to_keep
+        return None, None
+    n_keep = int(keep.sum())
+    if logits.dim() != 2 or logits.shape[0] != n_keep:
+        return None, None
+    target = labels[:, 1:][keep[:, :-1]]
+    token_loss = F.cross_entropy(logits.float(), target, reduction="none")
+    row = keep.nonzero()[:, 0]  # row of every kept position, in the same (row-major) order
+    per_sum = torch.zeros(labels.shape[0], dtype=token_loss.dtype, device=labels.device)
+    per_sum.index_add_(0, row, token_loss)
+    return per_sum, keep.sum(dim=1)
 
 
 # --------------------------------------------------------------------------- generation

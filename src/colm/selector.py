@@ -22,7 +22,17 @@ from torch import nn
 
 from . import distributed
 from .facility import facility_location
-from .features import AdamNormalizer, GradientFeatures, draw_directions, lift, top_dims
+from .features import (
+    MOMENTS,
+    AdamNormalizer,
+    GradientFeatures,
+    adam_features,
+    batch_moments,
+    draw_directions,
+    lift,
+    optimizer_moments,
+    top_dims,
+)
 from .matching import gradient_match
 from .sources import allocate_budget, find_small_sources
 
@@ -44,6 +54,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_directions": 1,
         "eps": 1e-3,
         "adam": True,
+        "moments": "fresh",
         "topk_dims": 2560,
         "metric": "l1",
         "weights": "uniform",
@@ -73,7 +84,14 @@ class SelectorConfig:
             (exact gradient through the last block).
         num_directions: random directions per step for ``zo``.
         eps: finite-difference step for ``zo``.
-        adam: normalise features with the selector's Adam moments.
+        adam: normalise features with Adam moments (see :mod:`colm.features.normalize`).
+        moments: where those moments come from: ``"fresh"`` (the paper's: the
+            selector's own, from zero; the first step maps every feature to its
+            sign), ``"warm"`` (the selector's own, started from the first batch's
+            statistics) or ``"optimizer"`` (the training optimizer's Adam state of
+            the block, the preconditioner training applies; pass the optimizer to
+            :meth:`CoresetSelector.select`, which the Trainer integration and
+            ``coreset_step`` do).
         topk_dims: h, the coordinates kept per source (largest |mean|).
         metric: distance for facility location: ``"l1"``, ``"l2"``, ``"cosine"``.
         weights: ``"uniform"`` or ``"cluster"`` (medoid weight = cluster size).
@@ -93,6 +111,7 @@ class SelectorConfig:
     num_directions: int = 1
     eps: float = 1e-3
     adam: bool = True
+    moments: str = "fresh"
     topk_dims: int = 2560
     metric: str = "l1"
     weights: str = "uniform"
@@ -116,6 +135,7 @@ class SelectorConfig:
             ("feature", FEATURES),
             ("metric", METRICS),
             ("weights", WEIGHTS),
+            ("moments", MOMENTS),
         ):
             if getattr(self, key) not in valid:
                 bad(key, getattr(self, key), f"one of {valid}")
@@ -256,17 +276,23 @@ class CoresetSelector:
             self.source_counts, rule if isinstance(rule, (str, int, float)) else list(rule)
         )
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.normalizer = AdamNormalizer(*config.adam_betas, eps=config.adam_eps)
+        self.normalizer = AdamNormalizer(
+            *config.adam_betas, eps=config.adam_eps, warm=config.moments == "warm"
+        )
         self.step = 0
         self._features: GradientFeatures | None = None
         self._checked: set[int] = set()
         self._warned_nonfinite = False
 
     # -- public --------------------------------------------------------------
-    def select(self, model: nn.Module, batch: Mapping[str, Any]) -> Selection:
+    def select(
+        self, model: nn.Module, batch: Mapping[str, Any], optimizer: Any = None
+    ) -> Selection:
         """Choose the coreset of ``batch`` (keys ``input_ids``, ``attention_mask``,
         ``labels``, ``source``). The model is put in eval mode during selection
-        and restored afterwards; its parameters are never modified."""
+        and restored afterwards; its parameters are never modified. ``optimizer``
+        (the one training ``model``) is read, never changed, with
+        ``moments="optimizer"``."""
         sources = _batch_sources(batch)
         n = len(sources)
         if n == 0:
@@ -303,7 +329,7 @@ class CoresetSelector:
             picked = torch.randperm(n, generator=self.generator)[:b]
             weight_of = {int(i): 1.0 for i in picked}
         else:
-            weight_of = self._select_colm(model, batch, sources, b, stats, info)
+            weight_of = self._select_colm(model, batch, sources, b, stats, info, optimizer)
 
         indices = torch.tensor(sorted(weight_of), dtype=torch.long)
         weights = torch.tensor([weight_of[int(i)] for i in indices], dtype=torch.float32)
@@ -348,8 +374,19 @@ class CoresetSelector:
         self._features.chunk_size = chunk
         return self._features
 
-    def _select_colm(self, model, batch, sources, b, stats, info) -> dict[int, float]:
+    def _select_colm(self, model, batch, sources, b, stats, info, optimizer) -> dict[int, float]:
         cfg = self.config
+        if (
+            cfg.method != "random_big"
+            and cfg.adam
+            and cfg.moments == "optimizer"
+            and optimizer is None
+        ):
+            raise ValueError(
+                "SelectorConfig.moments='optimizer' normalises the features with the training "
+                "optimizer's Adam state: pass it, select(model, batch, optimizer=optimizer) "
+                "(CoLMTrainer and coreset_step do), or use moments='warm'"
+            )
         small_idx = [i for i, s in enumerate(sources) if s in self.small_sources]
         if len(small_idx) > b:
             # the paper is silent: keep a uniformly random b of them, and say so
@@ -397,7 +434,7 @@ class CoresetSelector:
                     stacklevel=3,
                 )
                 self._warned_nonfinite = True
-        f = self.normalizer.normalize(g) if cfg.adam else g
+        f = self._normalize(g, finite, optimizer) if cfg.adam else g
         f = torch.where(finite[:, None], f, torch.zeros_like(f))
 
         pos = {i: r for r, i in enumerate(rows)}
@@ -418,9 +455,20 @@ class CoresetSelector:
                 row = int(r[j])
                 chosen_rows.append(row)
                 weight_of[rows[row]] = float(w) if cfg.weights == "cluster" else 1.0
-        if cfg.adam and chosen_rows:
+        if cfg.adam and cfg.moments != "optimizer" and chosen_rows:
             self.normalizer.update(g[torch.tensor(chosen_rows, device=g.device)])
         return weight_of
+
+    def _normalize(self, g: torch.Tensor, finite: torch.Tensor, optimizer) -> torch.Tensor:
+        """Adam-normalised features; batch statistics come from the finite rows only."""
+        cfg = self.config
+        clean = torch.where(finite[:, None], g, torch.zeros_like(g))
+        if cfg.moments != "optimizer":
+            return self.normalizer.normalize(clean, finite)
+        moments = optimizer_moments(optimizer, self._features.block)
+        if moments is None:  # before the optimizer's first step: the batch's statistics
+            moments = batch_moments(g[finite], *cfg.adam_betas, cfg.adam_eps)
+        return adam_features(clean, moments)
 
     def _compute_features(self, model, batch, rows: list[int], b: int, info, stats):
         """Features of ``rows`` of the batch, [len(rows), D]. Under data parallelism each

@@ -46,3 +46,41 @@ def test_coreset_step_equals_manual_step_on_selection(weights, micro):
             torch.testing.assert_close(
                 got[n].detach(), (p - 0.5 * p.grad).detach(), atol=1e-5, rtol=1e-4
             )
+
+
+@pytest.mark.parametrize("feature", ["zo", "exact"])
+def test_optimizer_moments_come_from_the_optimizer_that_trains(feature, monkeypatch):
+    """moments='optimizer': before the first step the batch's statistics stand in (the
+    same coreset as a warm-started selector); afterwards the features are normalised
+    with the optimizer's own Adam state of the value block."""
+    import colm.selector as selector_module
+    from colm.features import adam_features, find_value_block, optimizer_moments
+
+    model = make_tiny("llama", lora=True)
+    batch = make_batch(n=12, sources=["a"] * 6 + ["b"] * 5 + ["s"], seed=9)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    kw = dict(feature=feature, num_directions=3, check_replay=False, seed=4)
+    selector = CoresetSelector(SelectorConfig(moments="optimizer", **kw), COUNTS)
+    warm = CoresetSelector(SelectorConfig(moments="warm", **kw), COUNTS)
+    with pytest.raises(ValueError, match="optimizer=optimizer"):
+        selector.select(model, batch)
+    selector = CoresetSelector(SelectorConfig(moments="optimizer", **kw), COUNTS)
+    first = selector.select(model, batch, optimizer=opt)
+    assert torch.equal(first.indices, warm.select(model, batch).indices)
+    assert selector.normalizer.m is None  # the selector keeps no moments of its own
+
+    seen = []
+    real = selector_module.adam_features
+
+    def spy(g, moments):
+        seen.append(moments)
+        return real(g, moments)
+
+    monkeypatch.setattr(selector_module, "adam_features", spy)
+    for _ in range(2):
+        coreset_step(model, opt, selector, batch)
+    block = find_value_block(model)
+    want = optimizer_moments(opt, block)
+    assert seen[-1].step == want.step - 1 == 2  # read before the second optimizer step
+    assert seen[-1].m.shape == (block.numel,)
+    assert adam_features is real

@@ -3,7 +3,15 @@
 from .compute import FEATURE_KINDS, GradientFeatures
 from .exact import exact_gradients
 from .locate import BlockNotFoundError, ValueBlock, find_layers, find_value_block
-from .normalize import AdamNormalizer, top_dims
+from .normalize import (
+    MOMENTS,
+    AdamNormalizer,
+    Moments,
+    adam_features,
+    batch_moments,
+    optimizer_moments,
+    top_dims,
+)
 from .replay import (
     LastBlockReplay,
     ReplayMismatchError,
@@ -15,7 +23,12 @@ from .zeroth_order import draw_directions, lift, zo_coefficients
 
 __all__ = [
     "FEATURE_KINDS",
+    "MOMENTS",
     "AdamNormalizer",
+    "Moments",
+    "adam_features",
+    "batch_moments",
+    "optimizer_moments",
     "BlockNotFoundError",
     "GradientFeatures",
     "LastBlockReplay",

@@ -225,7 +225,7 @@ class CoLMTrainerMixin:
 
         merged = batching.merge(batch_samples, self._pad_id())
         model = self.accelerator.unwrap_model(self.model)
-        selection = self.colm_selector.select(model, merged)
+        selection = self.colm_selector.select(model, merged, optimizer=self.optimizer)
         # this rank's equal share of the coreset (all of it on one process)
         indices, weights = selection.shard(
             self.accelerator.process_index, self.accelerator.num_processes

@@ -48,7 +48,7 @@ def coreset_step(
     ``model`` may be wrapped in ``DistributedDataParallel``; the returned loss is
     then the loss of the whole coreset, summed over the ranks."""
     inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    selection = selector.select(inner, batch)
+    selection = selector.select(inner, batch, optimizer=optimizer)
     info = distributed.process_info(selector.process_group)
     plain = {k: v for k, v in batch.items() if k != "source"}
     # the loss is normalised by the whole coreset's (weighted) label tokens on every rank
