@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import statistics
@@ -67,7 +66,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 IGNORE_INDEX = -100
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "gradmatch.json"
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "gradmatch" / "gradmatch.json"
 
 
 # --------------------------------------------------------------------------- set-up
@@ -78,20 +77,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
     p.add_argument("--quick", action="store_true", help="tiny random Llama, small batches")
-    p.add_argument("--source-batch", type=int, default=None, help="default 64 (quick: 16)")
+    p.add_argument("--source-batch", type=int, default=None, help="default 32 (quick: 16)")
     p.add_argument("--ratio", type=float, default=0.5, help="coreset ratio")
     p.add_argument(
-        "--batches", type=int, default=None, help="batches per point (default 4, quick 1)"
+        "--batches", type=int, default=None, help="batches per point (default 16, quick 1)"
     )
-    p.add_argument("--random-subsets", type=int, default=None, help="default 2000 (quick: 50)")
-    p.add_argument("--points", default=None, help='training steps to measure at (default "0,20")')
+    p.add_argument("--random-subsets", type=int, default=None, help="default 1000 (quick: 50)")
+    p.add_argument(
+        "--points", default=None, help='training steps to measure at (default "0,10,40")'
+    )
     p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--max-length", type=int, default=None, help="default 256 (quick: 128)")
+    p.add_argument("--max-length", type=int, default=None, help="default 128")
     p.add_argument("--topk-dims", type=int, default=2560, help="h of the selector")
     p.add_argument("--micro-batches", type=int, default=2, help="of the training step")
     p.add_argument("--grad-method", choices=("hooks", "loop"), default="hooks")
     p.add_argument("--check-examples", type=int, default=2, help="hooks vs autograd loop")
-    p.add_argument("--no-shadow", action="store_true", help="variants share the colm moments")
+    p.add_argument(
+        "--shadow",
+        action="store_true",
+        help="selectors with their own moments select on every training batch too (slow)",
+    )
     p.add_argument(
         "--variants",
         default=None,
@@ -102,18 +107,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="folder of finished batch-points, reused by a later run with the same settings "
+        "(default: batches/ beside --out)",
+    )
+    p.add_argument("--force", action="store_true", help="measure cached batch-points again")
     args = p.parse_args(argv)
     q = args.quick
     if args.source_batch is None:
-        args.source_batch = 16 if q else 64
+        args.source_batch = 16 if q else 32
     if args.batches is None:
-        args.batches = 1 if q else 4
+        args.batches = 1 if q else 16
     if args.random_subsets is None:
-        args.random_subsets = 50 if q else 2000
+        args.random_subsets = 50 if q else 1000
     if args.max_length is None:
-        args.max_length = 128 if q else 256
+        args.max_length = 128
     if args.points is None:
-        args.points = "0" if q else "0,20"
+        args.points = "0" if q else "0,10,40"
+    if args.cache is None:
+        args.cache = args.out.parent / f"{args.out.stem}_batches"
     args.point_list = sorted({int(s) for s in str(args.points).split(",") if s.strip()})
     if not args.point_list or args.point_list[0] < 0:
         p.error(f"--points must list steps >= 0, got {args.points!r}")
@@ -422,71 +437,75 @@ def _upper(d: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- selectors
 
 
-def variant_specs(args) -> tuple[list[tuple[str, dict]], list[str]]:
-    """(name, SelectorConfig kwargs) of every variant; ``match`` only if accepted."""
-    from colm.selector import SelectorConfig
+FEATURE_KINDS = {
+    "zo1": {"feature": "zo", "num_directions": 1},
+    "zo8": {"feature": "zo", "num_directions": 8},
+    "exact": {"feature": "exact"},
+}
+MOMENT_KINDS = {"fresh": "fresh", "warm": "warm", "opt": "optimizer", "raw": None}
+REFERENCE = "colm_zo1_fresh"  # the paper's selector
+PAIRED_WITH = "random_big"
 
+
+def variant_specs(args) -> tuple[list[tuple[str, dict]], list[str]]:
+    """(name, SelectorConfig kwargs) of every variant.
+
+    ``{colm,match}_{zo1,zo8,exact}_{fresh,warm,opt}``: facility location (colm) or
+    gradient matching (match) per source on zeroth-order (1 or 8 directions) or exact
+    value-block gradients, Adam-normalised with the selector's own moments from zero
+    (fresh, the paper's), from the batch's statistics (warm) or with the training
+    optimizer's Adam state (opt), or not normalised (raw); uniform weights. ``colm_zo1_cluster`` (cluster-size
+    weights), the paper's Table 2 ablations of ``colm_zo1_fresh`` (``ablate_*``),
+    ``random_big`` (small sources kept, colm's budgets, big sources at random) and
+    ``random`` (uniform over the batch).
+    """
     specs: list[tuple[str, dict]] = []
-    for feat, tag in (
-        ({"feature": "zo", "num_directions": 1}, "zo1"),
-        ({"feature": "zo", "num_directions": 8}, "zo8"),
-        ({"feature": "exact"}, "exact"),
-    ):
-        for w in ("uniform", "cluster"):
-            specs.append((f"colm_{tag}_{w}", {"method": "colm", **feat, "weights": w}))
-    # the paper's Table 2 ablations of the default (zo q=1, uniform), one change each
+    for method in ("colm", "match"):
+        for ftag, feat in FEATURE_KINDS.items():
+            for mtag, moments in MOMENT_KINDS.items():
+                norm = {"moments": moments} if moments else {"adam": False}
+                kw = {"method": method, **feat, **norm, "weights": "uniform"}
+                specs.append((f"{method}_{ftag}_{mtag}", kw))
     zo1 = {"method": "colm", "feature": "zo", "num_directions": 1, "weights": "uniform"}
     specs += [
+        ("colm_zo1_cluster", {**zo1, "weights": "cluster"}),
         ("ablate_no_adam", {**zo1, "adam": False}),
         ("ablate_joint", {**zo1, "per_source": False}),
         ("ablate_no_small", {**zo1, "small_sources": []}),
+        ("random_big", {"method": "random_big"}),
+        ("random", {"method": "random"}),
     ]
-    notes = []
-    for feat, tag in (
-        ({"feature": "zo", "num_directions": 1}, "zo1"),
-        ({"feature": "exact"}, "exact"),
-    ):
-        for w in ("uniform", "fit", "cluster"):
-            kw = {"method": "match", **feat, "weights": w}
-            try:
-                SelectorConfig(**kw)
-            except (ValueError, TypeError) as e:
-                notes.append(f"match_{tag}_{w}: {e}")
-                continue
-            specs.append((f"match_{tag}_{w}", kw))
-    specs.append(("random", {"method": "random"}))
-    try:  # small sources kept, colm's budgets, big sources at random (if available)
-        SelectorConfig(method="random_big")
-        specs.append(("random_big", {"method": "random_big"}))
-    except (ValueError, TypeError) as e:
-        notes.append(f"random_big: {e}")
-    if not any(name.startswith("match") for name, _ in specs):
-        print("match: not available", flush=True)
     if args.variants:
         wanted = [w.strip() for w in args.variants.split(",") if w.strip()]
         specs = [(n, kw) for n, kw in specs if any(n.startswith(w) for w in wanted)]
-    # the reference for budgets, (c), (d) and (f) is always measured
-    if not any(n == "colm_zo1_uniform" for n, _ in specs):
-        specs.insert(
-            0,
-            (
-                "colm_zo1_uniform",
-                {"method": "colm", "feature": "zo", "num_directions": 1, "weights": "uniform"},
-            ),
-        )
-    return specs, notes
+    # the reference (budgets, random subsets' counts) and the paired baseline: always
+    for name, kw in (
+        (PAIRED_WITH, {"method": "random_big"}),
+        (REFERENCE, {**zo1, "moments": "fresh"}),
+    ):
+        if not any(n == name for n, _ in specs):
+            specs.insert(0, (name, kw))
+    return specs, []
 
 
 def state_key(kw: dict) -> tuple:
-    return (kw.get("method"), kw.get("feature", "zo"), kw.get("num_directions", 1))
+    return (
+        kw.get("method"),
+        kw.get("feature", "zo"),
+        kw.get("num_directions", 1),
+        kw.get("moments", "fresh") if kw.get("adam", True) else "raw",
+    )
+
+
+TRAIN_KEY = ("colm", "zo", 1, "fresh")  # the training selector's kind
 
 
 def state_for(ctx, key: tuple):
-    """Adam moments for a variant: its own (shadow) state, or with --no-shadow the
-    training selector's (None before any training: fresh moments)."""
+    """A variant's own moments: its shadow's (with --shadow), else the training
+    selector's if it is of the same kind, else none (fresh: zero; warm: the batch)."""
     state = ctx["states"].get(key)
-    if state is None and ctx["args"].no_shadow:
-        state = ctx["states"].get(("colm", "zo", 1))
+    if state is None and key == TRAIN_KEY:
+        state = ctx["states"].get(TRAIN_KEY)
     return state
 
 
@@ -510,6 +529,24 @@ def make_selector(args, kw, counts, state=None, seed=None, check_replay=False):
     return sel
 
 
+def share_features(sel, store: dict) -> None:
+    """Make ``sel`` reuse the features another variant of the same kind computed for the
+    same rows of this batch (same seed: the same zo directions), instead of recomputing."""
+    cfg = sel.config
+    kind = (cfg.feature, cfg.num_directions if cfg.feature == "zo" else 0)
+    compute = sel._compute_features
+
+    def cached(model, batch, rows, b, info, stats):
+        key = (kind, tuple(rows))
+        if key not in store:
+            t0 = time.perf_counter()
+            store[key] = compute(model, batch, rows, b, info, stats)
+            store[("seconds", *key)] = time.perf_counter() - t0
+        return store[key]
+
+    sel._compute_features = cached
+
+
 # --------------------------------------------------------------------------- one batch
 
 
@@ -519,7 +556,7 @@ def progress(what: str, seconds: float) -> None:
 
 
 def measure_batch(ctx, batch, seed: int) -> dict[str, Any]:
-    from colm.features import GradientFeatures, draw_directions, find_value_block, top_dims
+    from colm.features import GradientFeatures, find_value_block, top_dims
 
     args, model, params, device = ctx["args"], ctx["model"], ctx["params"], ctx["device"]
     counts, small = ctx["counts"], ctx["small"]
@@ -585,37 +622,26 @@ def measure_batch(ctx, batch, seed: int) -> dict[str, Any]:
             res[s] = float(rel_errors(K, part[None], ref)[0])
         return res
 
-    # (b) selector variants
+    # (b) selector variants (features computed once per kind and shared)
     methods: dict[str, Any] = {}
     t0 = time.perf_counter()
-    cache: dict[str, Any] = {}
+    store: dict = {}
+    checked = False
     for name, kw in ctx["specs"]:
-        key = state_key(kw)
-        if kw["method"] == "colm":
-            # facility location's picks do not depend on the weights option, so
-            # one selection with cluster weights serves both (uniform: all 1)
-            same_picks = repr(sorted((k, v) for k, v in kw.items() if k != "weights"))
-            if same_picks not in cache:
-                sel = make_selector(
-                    args,
-                    {**kw, "weights": "cluster"},
-                    counts,
-                    state_for(ctx, key),
-                    seed=seed,
-                    check_replay=first and not cache,
-                )
-                cache[same_picks] = sel.select(model, batch)
-            selection = cache[same_picks]
-            idx = selection.indices
-            w = selection.weights if kw["weights"] == "cluster" else torch.ones(len(idx))
-            if kw["weights"] == "uniform" and first and "uniform_picks_equal_cluster" not in checks:
-                sel = make_selector(args, kw, counts, state_for(ctx, key), seed=seed)
-                same = sel.select(model, batch).indices.tolist() == idx.tolist()
-                checks["uniform_picks_equal_cluster"] = float(same)
-        else:
-            sel = make_selector(args, kw, counts, state_for(ctx, key), seed=seed)
-            selection = sel.select(model, batch)
-            idx, w = selection.indices, selection.weights
+        sel = make_selector(
+            args,
+            kw,
+            counts,
+            state_for(ctx, state_key(kw)),
+            seed=seed,
+            check_replay=first and not checked and kw["method"] != "random",
+        )
+        checked = checked or (first and kw["method"] not in ("random", "random_big"))
+        share_features(sel, store)
+        selection = sel.select(model, batch, optimizer=ctx["optimizer"])
+        idx, w = selection.indices, selection.weights
+        kind = (sel.config.feature, sel.config.num_directions if sel.config.feature == "zo" else 0)
+        seconds = [v for k, v in store.items() if k[0] == "seconds" and k[1] == kind]
         a = mixing(ntok, idx, w, n)
         err = float(rel_errors(K, a[None], a_batch)[0])
         progress(f"selector {name}: error {err:.4f}", time.perf_counter() - t0)
@@ -646,7 +672,8 @@ def measure_batch(ctx, batch, seed: int) -> dict[str, Any]:
                 },
                 "share_batch": {s: len(ix) / n for s, ix in groups.items()},
             },
-            "time_features": selection.stats.get("time_features", 0.0),
+            # the feature pass as this variant would pay it (computed once, shared)
+            "time_features": sum(seconds) if kw["method"] not in ("random", "random_big") else 0.0,
             "time_selection": selection.stats.get("time_selection", 0.0),
         }
     timings["selectors"] = time.perf_counter() - t0
@@ -654,7 +681,7 @@ def measure_batch(ctx, batch, seed: int) -> dict[str, Any]:
     # oracle: gradient matching on the exact full-LoRA gradients (same budgets)
     from colm.matching import gradient_match
 
-    ref_counts = methods["colm_zo1_uniform"]["selected_per_source"]
+    ref_counts = methods[REFERENCE]["selected_per_source"]
     for wmode in ("uniform", "fit"):
         idx, wts = [], []
         for s, ix in groups.items():
@@ -709,79 +736,47 @@ def measure_batch(ctx, batch, seed: int) -> dict[str, Any]:
         }
     out["methods"] = methods
 
-    # (e) distances of the selector's features vs distances of full-LoRA gradients
+    # (e) distances of the features (as computed for the selectors above) vs distances of
+    # the full-LoRA gradients, within each big source
+    from colm.features import adam_features, batch_moments, find_value_block, optimizer_moments
+
     t0 = time.perf_counter()
-    feats = GradientFeatures(model, chunk_size=max(1, math.floor(args.ratio * n + 0.5)))
-    fgen = torch.Generator().manual_seed(seed + 11)
-    kinds = {"zo1": ("zo", 1), "zo8": ("zo", 8), "exact": ("exact", 0)}
     spear: dict[str, Any] = {}
-    model.eval()
-    # features of the big sources' rows only (as the selector computes them)
-    big = {s: ix for s, ix in groups.items() if s not in small and len(ix) >= 3}
-    rows_big = [i for ix in big.values() for i in ix]
-    sel_rows = torch.tensor(rows_big, dtype=torch.long)
-    raw_all = {}
-    for tag, (kind, q) in kinds.items():
-        if not rows_big:
-            break
-        dirs = draw_directions(q, feats.numel, fgen) if kind == "zo" else None
-        with torch.no_grad() if kind == "zo" else torch.enable_grad():
-            computed = feats.compute(
-                batch["input_ids"][sel_rows],
-                batch["attention_mask"][sel_rows],
-                batch["labels"][sel_rows],
-                kind,
-                dirs,
-            ).cpu()
-        full = torch.zeros(n, computed.shape[1])
-        full[sel_rows] = computed
-        raw_all[tag] = full
-    for tag in kinds:
-        if tag not in raw_all:
-            spear[tag] = {"per_source": {}}
+    opt_m = optimizer_moments(ctx["optimizer"], find_value_block(model))
+    for tag, feat in FEATURE_KINDS.items():
+        kind = (feat["feature"], feat.get("num_directions", 0) if feat["feature"] == "zo" else 0)
+        entries = [(k[1], v) for k, v in store.items() if k[0] == kind]
+        if not entries:
             continue
-        raw = raw_all[tag]
-        kind, q = kinds[tag]
-        state = state_for(ctx, ("colm", kind, q if kind == "zo" else 1))
-        norm = make_selector(args, {"feature": kind, "num_directions": max(q, 1)}, counts, state)
-        f = torch.zeros_like(raw)
-        f[sel_rows] = norm.normalizer.normalize(raw[sel_rows].float())
-        rows: dict[str, dict[str, float]] = {}
-        pooled: dict[str, list[torch.Tensor]] = {"raw_l1": [], "selector_l1": [], "ref": []}
-        for s, ix in groups.items():
-            if s in small or len(ix) < 3:
+        rows, raw = max(entries, key=lambda e: len(e[0]))
+        raw = raw.cpu().float()
+        pos = {r: t for t, r in enumerate(rows)}
+        views = {
+            "raw_l1": raw,
+            "warm_l1": adam_features(raw, batch_moments(raw, 0.9, 0.999, 1e-8)),
+            "opt_l1": adam_features(raw, opt_m) if opt_m is not None else None,
+        }
+        pooled: dict[str, list[torch.Tensor]] = {k: [] for k in (*views, "raw_l2", "ref")}
+        for s_, ix in groups.items():
+            ix = [i for i in ix if i in pos]
+            if s_ in small or len(ix) < 3:
                 continue
-            ref = _upper(torch.cdist(G[ix].double(), G[ix].double()))
-            d_raw = _upper(torch.cdist(raw[ix].double(), raw[ix].double(), p=1))
-            fs = f[ix]
-            fs = fs[:, top_dims(fs, args.topk_dims)]
-            d_sel = _upper(torch.cdist(fs.double(), fs.double(), p=1))
-            rows[s] = {"raw_l1": spearman(d_raw, ref), "selector_l1": spearman(d_sel, ref)}
-            pooled["raw_l1"].append(d_raw)
-            pooled["selector_l1"].append(d_sel)
-            pooled["ref"].append(ref)
-        entry: dict[str, Any] = {"per_source": rows}
+            r = [pos[i] for i in ix]
+            pooled["ref"].append(_upper(torch.cdist(G[ix].double(), G[ix].double())))
+            pooled["raw_l2"].append(_upper(torch.cdist(raw[r].double(), raw[r].double())))
+            for k_, f in views.items():
+                if f is not None:
+                    fs = f[r]
+                    fs = fs[:, top_dims(fs, args.topk_dims)] if k_ != "raw_l1" else fs
+                    pooled[k_].append(_upper(torch.cdist(fs.double(), fs.double(), p=1)))
+        entry: dict[str, Any] = {}
         if pooled["ref"]:
             ref = torch.cat(pooled["ref"])
-            for k_ in ("raw_l1", "selector_l1"):
-                entry[k_] = spearman(torch.cat(pooled[k_]), ref)
-            entry["distinct_selector_distances"] = int(
-                torch.unique(torch.cat(pooled["selector_l1"])).numel()
-            )
+            for k_, parts in pooled.items():
+                if k_ != "ref" and parts:
+                    entry[k_] = spearman(torch.cat(parts), ref)
             entry["pairs"] = int(ref.numel())
         spear[tag] = entry
-    # the value block's exact gradient with L2 (no Adam): what one block can tell
-    vb_rows = []
-    vb_ref = []
-    for s, ix in groups.items():
-        if s in small or len(ix) < 3:
-            continue
-        vb_rows.append(
-            _upper(torch.cdist(raw_all["exact"][ix].double(), raw_all["exact"][ix].double()))
-        )
-        vb_ref.append(_upper(torch.cdist(G[ix].double(), G[ix].double())))
-    if vb_ref:
-        spear["exact"]["raw_l2"] = spearman(torch.cat(vb_rows), torch.cat(vb_ref))
     out["spearman"] = spear
     timings["spearman"] = time.perf_counter() - t0
     progress("features for Spearman", timings["spearman"])
@@ -801,12 +796,12 @@ def train_steps(ctx, stream, steps: int, log: list) -> None:
         batch = stream.next()
         t0 = time.perf_counter()
         for key, shadow in ctx["shadows"].items():  # selection only, for their moments
-            shadow.select(model, batch)
+            shadow.select(model, batch, optimizer=ctx["optimizer"])
             ctx["states"][key] = shadow.normalizer.state_dict()
         res = coreset_step(
             model, ctx["optimizer"], ctx["train_selector"], batch, micro_batches=args.micro_batches
         )
-        ctx["states"][("colm", "zo", 1)] = ctx["train_selector"].normalizer.state_dict()
+        ctx["states"][TRAIN_KEY] = ctx["train_selector"].normalizer.state_dict()
         ctx["step"] += 1
         log.append({"step": ctx["step"], "loss": res.loss, "time": time.perf_counter() - t0})
         print(
@@ -822,29 +817,44 @@ def _med(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
-def summarise(point: dict, small: set[str]) -> dict[str, Any]:
-    batches = point["batches"]
-    names = list(batches[0]["methods"])
-    summary: dict[str, Any] = {"methods": {}}
+def summarise(batches: list[dict], small: set[str]) -> dict[str, Any]:
+    """Per variant over ``batches`` (batch-points): median error and percentile, the share
+    of batch-points below the 50th percentile with a one-sided sign test against chance,
+    and the paired difference from random_big on the same batches (error and percentile)."""
+    from stats import paired_ci, sign_test_below
+
+    names = [n for n in batches[0]["methods"] if all(n in b["methods"] for b in batches)]
+    summary: dict[str, Any] = {"methods": {}, "batch_points": len(batches)}
     for name in names:
         ms = [b["methods"][name] for b in batches]
+        pct = [m.get("percentile", float("nan")) for m in ms]
         small_err = [e for m in ms for s, e in m["per_source"].items() if s in small]
         big_err = [e for m in ms for s, e in m["per_source"].items() if s not in small]
-        summary["methods"][name] = {
+        row = {
             "median_rel_error": _med([m["rel_error"] for m in ms]),
-            "median_percentile": _med([m.get("percentile", float("nan")) for m in ms]),
+            "median_percentile": _med(pct),
+            "below_50": sum(p < 50 for p in pct) / len(pct),
+            "sign_test": sign_test_below(pct),
             "median_big_source_error": _med(big_err),
             "max_small_source_error": max(small_err) if small_err else float("nan"),
+            "time_features": _med([m.get("time_features", float("nan")) for m in ms]),
         }
+        if PAIRED_WITH in batches[0]["methods"] and name != PAIRED_WITH:
+            ref = [b["methods"][PAIRED_WITH] for b in batches]
+            row["vs_random_big_error"] = paired_ci(
+                [m["rel_error"] - r["rel_error"] for m, r in zip(ms, ref)]
+            )
+            row["vs_random_big_percentile"] = paired_ci(
+                [m["percentile"] - r["percentile"] for m, r in zip(ms, ref)]
+            )
+        summary["methods"][name] = row
     summary["random_median_rel_error"] = _med([b["random_subsets"]["median"] for b in batches])
     sp: dict[str, dict[str, float]] = {}
-    for tag in batches[0]["spearman"]:
-        entries = [b["spearman"][tag] for b in batches]
-        sp[tag] = {
-            k: _med([e.get(k, float("nan")) for e in entries])
-            for k in ("raw_l1", "selector_l1", "raw_l2")
-            if any(k in e for e in entries)
-        }
+    for tag in FEATURE_KINDS:
+        entries = [b.get("spearman", {}).get(tag, {}) for b in batches]
+        keys = sorted({k for e in entries for k in e if k != "pairs"})
+        if keys:
+            sp[tag] = {k: _med([e.get(k, float("nan")) for e in entries]) for k in keys}
     summary["spearman"] = sp
     return summary
 
@@ -853,82 +863,102 @@ def _f(x: float, fmt: str = ".4f") -> str:
     return "-" if x != x else format(x, fmt)
 
 
-def print_point(point: dict, small: set[str]) -> None:
-    s = point["summary"]
-    nb = len(point["batches"])
-    print(f"\n## Step {point['step']} ({nb} source batches, medians over batches)\n")
-    print(f"random stratified subsets: median relative error {s['random_median_rel_error']:.4f}\n")
-    print(
-        "| method | rel. error | percentile (lower = better) | big-source error | max small-source error |"
-    )
-    print("|---|---:|---:|---:|---:|")
-    for name, m in s["methods"].items():
-        print(
+def markdown_table(title: str, summary: dict) -> str:
+    """One table: a row per variant, lower percentile is better, 50 is chance."""
+    from stats import fmt_ci
+
+    nb = summary["batch_points"]
+    lines = [
+        f"### {title} ({nb} batch-points)",
+        "",
+        f"Random stratified subsets: median relative error "
+        f"{summary['random_median_rel_error']:.4f}. Percentile: share of random stratified "
+        "subsets with a lower error (lower is better, 50 is chance); sign test: one-sided, "
+        "that the variant lands below 50 more often than chance; paired: variant minus "
+        f"{PAIRED_WITH} on the same batches, mean [95% CI].",
+        "",
+        "| variant | error | percentile | below 50 | sign test p | − random_big, error "
+        "| − random_big, percentile | features (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, m in summary["methods"].items():
+        st = m["sign_test"]
+        lines.append(
             f"| {name} | {_f(m['median_rel_error'])} | {_f(m['median_percentile'], '.1f')} | "
-            f"{_f(m['median_big_source_error'])} | {_f(m['max_small_source_error'], '.2e')} |"
+            f"{st['below']}/{st['n']} | {st['p']:.3g} | "
+            f"{fmt_ci(m.get('vs_random_big_error') or {}, 4)} | "
+            f"{fmt_ci(m.get('vs_random_big_percentile') or {}, 1)} | "
+            f"{_f(m['time_features'], '.1f')} |"
         )
-    print("\nSpearman(feature L1 distance, full-LoRA gradient L2 distance), within big sources:\n")
-    print("| features | raw L1 | selector L1 (Adam + top-h) | raw L2 |")
-    print("|---|---:|---:|---:|")
-    for tag, v in s["spearman"].items():
-        print(
-            f"| {tag} | {_f(v.get('raw_l1', float('nan')), '.3f')} | "
-            f"{_f(v.get('selector_l1', float('nan')), '.3f')} | {_f(v.get('raw_l2', float('nan')), '.3f')} |"
-        )
-    b0 = point["batches"][0]
-    d = b0["methods"]["colm_zo1_uniform"]["describe"]
-    print("\nWhat colm (zo q=1, uniform) picks among big sources, batch 0:\n")
-    print(
-        f"mean loss picked {d['loss_picked_big']:.3f} vs all {d['loss_all_big']:.3f}; "
-        f"mean length picked {d['length_picked_big']:.1f} vs all {d['length_all_big']:.1f}; "
-        f"label tokens picked {d['label_tokens_picked_big']:.1f} vs all {d['label_tokens_all_big']:.1f}"
-    )
-    print("\n| source | small | share of batch | share of coreset | colm error | random median |")
-    print("|---|---|---:|---:|---:|---:|")
-    rs = b0["random_subsets"]["per_source_median"]
-    per = b0["methods"]["colm_zo1_uniform"]["per_source"]
-    for src in sorted(d["share_batch"], key=lambda x: -d["share_batch"][x]):
-        print(
-            f"| {src} | {'yes' if src in small else 'no'} | {d['share_batch'][src]:.3f} | "
-            f"{d['share_coreset'][src]:.3f} | {per[src]:.4f} | "
-            f"{_f(rs.get(src, float('nan')))} |"
-        )
+    if summary["spearman"]:
+        lines += [
+            "",
+            "Spearman correlation of feature distances with full-LoRA gradient distances "
+            "(within big sources; medians over batch-points): raw L1 / L2, and L1 after Adam "
+            "normalisation with the batch's statistics (warm) or the optimizer's state (opt), "
+            "on the top-h coordinates:",
+            "",
+            "| features | raw L1 | raw L2 | warm L1 | opt L1 |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for tag, v in summary["spearman"].items():
+            cells = [
+                _f(v.get(k, float("nan")), ".3f") for k in ("raw_l1", "raw_l2", "warm_l1", "opt_l1")
+            ]
+            lines.append(f"| {tag} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Every variant's percentile at every batch-point, one panel per training point."""
+    from matplotlib.figure import Figure
 
     points = result["points"]
-    fig, axes = plt.subplots(2, len(points), figsize=(7 * len(points), 9), squeeze=False)
-    for c, point in enumerate(points):
-        b0 = point["batches"][0]
-        ax = axes[0][c]
-        ax.hist(b0["random_subsets"]["errors"], bins=40, color="0.75", label="random stratified")
-        cmap = plt.get_cmap("tab20")
-        for j, (name, m) in enumerate(b0["methods"].items()):
-            ax.axvline(m["rel_error"], color=cmap(j % 20), lw=1.5, label=name)
-        ax.set_title(f"step {point['step']}, batch 0: relative gradient error")
-        ax.set_xlabel("||g_coreset - g_batch|| / ||g_batch||")
-        ax.legend(fontsize=6, ncol=2)
-        ax = axes[1][c]
-        names = list(b0["methods"])
+    fig = Figure(figsize=(max(8, 0.45 * len(result["variants"]) + 3), 3.6 * len(points)), dpi=110)
+    axes = fig.subplots(len(points), 1, squeeze=False)
+    for ax, point in zip(axes[:, 0], points):
+        names = list(point["summary"]["methods"])
         for j, name in enumerate(names):
             ys = [b["methods"][name].get("percentile", float("nan")) for b in point["batches"]]
-            ax.scatter([j] * len(ys), ys, s=14)
+            ax.scatter([j] * len(ys), ys, s=10, alpha=0.6)
+            ax.plot([j - 0.3, j + 0.3], [_med(ys)] * 2, color="k", lw=1.5)
         ax.axhline(50, color="0.5", ls="--", lw=1)
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel("percentile among random subsets (lower = better)")
+        ax.set_ylabel("percentile (lower = better)")
+        ax.set_title(f"step {point['step']}: {len(point['batches'])} batches")
         ax.set_ylim(-2, 102)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig.savefig(path)
 
 
 # --------------------------------------------------------------------------- main
+
+
+def settings_key(args, model_name: str) -> dict[str, Any]:
+    """What a cached batch-point's numbers depend on (the variants aside)."""
+    keep = (
+        "quick",
+        "source_batch",
+        "ratio",
+        "random_subsets",
+        "lr",
+        "max_length",
+        "topk_dims",
+        "micro_batches",
+        "grad_method",
+        "shadow",
+        "seed",
+        "device",
+    )
+    return {"model": model_name, **{k: getattr(args, k) for k in keep}}
+
+
+def _slim(res: dict[str, Any]) -> dict[str, Any]:
+    """A batch-point's record without the random subsets' raw errors (quantiles stay)."""
+    out = dict(res)
+    out["random_subsets"] = {k: v for k, v in res["random_subsets"].items() if k != "errors"}
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -945,24 +975,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     small = find_small_sources(counts, "below_mean")
     params = [p for p in model.parameters() if p.requires_grad]
     specs, notes = variant_specs(args)
-    for note in notes:
-        print(f"  (skipped {note})", flush=True)
+    names = [n for n, _ in specs]
     print(
         f"# gradient matching: {model_name}, LoRA r=8 (q,v), {sum(p.numel() for p in params)} "
         f"trainable numbers; {len(examples)} examples, small sources {sorted(small)}; "
         f"source batch {args.source_batch}, ratio {args.ratio}, points {args.point_list}",
         flush=True,
     )
+    key = settings_key(args, model_name)
+    args.cache.mkdir(parents=True, exist_ok=True)
+
+    def cached(step: int, b: int) -> dict | None:
+        path = args.cache / f"step{step}-batch{b}.json"
+        if args.force or not path.exists():
+            return None
+        rec = json.loads(path.read_text())
+        if rec.get("settings") != key or not set(names) <= set(rec["result"]["methods"]):
+            return None
+        return rec["result"]
+
+    todo = {
+        (step, b)
+        for step in args.point_list
+        for b in range(args.batches)
+        if cached(step, b) is None
+    }
     train_selector = CoresetSelector(
         SelectorConfig(ratio=args.ratio, topk_dims=args.topk_dims, seed=args.seed), counts
     )
     shadows = {}
-    if not args.no_shadow:
+    if args.shadow:
         for _, kw in specs:
-            key = state_key(kw)
-            if kw["method"].startswith("random") or key == ("colm", "zo", 1) or key in shadows:
+            skey = state_key(kw)
+            if kw["method"].startswith("random") or skey == TRAIN_KEY or skey in shadows:
                 continue
-            shadows[key] = make_selector(args, kw, counts, seed=args.seed + 1)
+            shadows[skey] = make_selector(args, kw, counts, seed=args.seed + 1)
     ctx: dict[str, Any] = {
         "args": args,
         "model": model,
@@ -980,32 +1027,53 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     collator = CoLMCollator(tokenizer)
     train_stream = BatchStream(examples, collator, args.source_batch, args.seed + 1)
-    measure_stream = BatchStream(examples, collator, args.source_batch, args.seed + 2)
     points, train_log = [], []
+    last_needed = max((step for step, _ in todo), default=-1)
     for step in args.point_list:
+        if step > last_needed:
+            batches = [cached(step, b) for b in range(args.batches)]
+            points.append({"step": step, "batches": batches})
+            continue
         if step > ctx["step"]:
             print(f"training {step - ctx['step']} steps ...", flush=True)
             train_steps(ctx, train_stream, step - ctx["step"], train_log)
+        # the measured batches of a point are the same whatever else was measured before
+        measure_stream = BatchStream(examples, collator, args.source_batch, args.seed + 2 + step)
         batches = []
         for b in range(args.batches):
-            t0 = time.perf_counter()
             batch = measure_stream.next()
-            res = measure_batch(ctx, batch, seed=args.seed * 100_003 + step * 1000 + b)
-            res["time"] = time.perf_counter() - t0
+            res = cached(step, b)
+            if res is None:
+                t0 = time.perf_counter()
+                res = _slim(measure_batch(ctx, batch, seed=args.seed * 100_003 + step * 1000 + b))
+                res["time"] = time.perf_counter() - t0
+                (args.cache / f"step{step}-batch{b}.json").write_text(
+                    json.dumps({"settings": key, "result": res})
+                )
+                m = res["methods"][REFERENCE]
+                print(
+                    f"  step {step} batch {b}: {REFERENCE} error {m['rel_error']:.4f} "
+                    f"(percentile {m['percentile']:.1f}), random median "
+                    f"{res['random_subsets']['median']:.4f} ({res['time']:.1f} s: "
+                    + ", ".join(f"{k} {v:.1f}" for k, v in res["timings"].items())
+                    + ")",
+                    flush=True,
+                )
             batches.append(res)
-            m = res["methods"]["colm_zo1_uniform"]
-            print(
-                f"  step {step} batch {b}: colm zo1 error {m['rel_error']:.4f} "
-                f"(percentile {m['percentile']:.1f}), random median "
-                f"{res['random_subsets']['median']:.4f} ({res['time']:.1f} s: "
-                + ", ".join(f"{k} {v:.1f}" for k, v in res["timings"].items())
-                + ")",
-                flush=True,
-            )
-        point = {"step": step, "batches": batches}
-        point["summary"] = summarise(point, small)
-        points.append(point)
-        print_point(point, small)
+        points.append({"step": step, "batches": batches})
+    for point in points:
+        point["summary"] = summarise(point["batches"], small)
+    pooled = summarise([b for p in points for b in p["batches"]], small)
+    md = [
+        f"## Gradient matching: {model_name}, source batch {args.source_batch} -> coreset "
+        f"ratio {args.ratio}, {args.max_length} tokens, {args.random_subsets} random "
+        f"stratified subsets per batch",
+        "",
+        markdown_table(f"All points (steps {', '.join(str(p['step']) for p in points)})", pooled),
+    ]
+    md += [markdown_table(f"Step {p['step']}", p["summary"]) for p in points]
+    text = "\n".join(md)
+    print(text)
 
     elapsed = time.perf_counter() - t_start
     result = {
@@ -1023,6 +1091,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "model": model_name,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": key,
         "gradient_target": (
             "token-weighted: g_batch = sum_i n_i g_i / sum_i n_i, g_i = gradient of example "
             "i's mean label-token loss, n_i its label tokens (the training loss's gradient)"
@@ -1031,30 +1100,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "source_counts": counts,
         "small_sources": sorted(small),
         "tokenization": report.as_dict(),
-        "variants_skipped": notes,
+        "variants": names,
         "variant_notes": {
-            "colm_*_uniform / colm_*_cluster": "one selection serves both: facility location's "
-            "picks do not depend on the weights option (checked on the first batch: "
-            "checks.uniform_picks_equal_cluster)",
-            "match_*_cluster": "the selector's match method with weights='cluster' uses "
-            "gradient_match(weights='fit'): fitted non-negative weights",
+            "fresh": "the selector's own moments: the training selector's (colm_zo1_fresh, "
+            "the kind that trains), else zero at every measurement unless --shadow",
+            "warm": "the selector's own moments started from the batch's statistics (with "
+            "no --shadow: the measured batch's own statistics)",
+            "opt": "the training optimizer's Adam state of the value block (the batch's "
+            "statistics before its first step)",
             "random": "uniform over the whole batch (small sources not kept)",
             "oracle_match_fullgrad_*": "gradient_match on the exact full-LoRA gradients, "
             "colm's per-source budgets, small sources kept (not a selector: needs every "
             "example's full gradient)",
         },
-        "match_available": any(n_.startswith("match") for n_, _ in specs),
         "train_log": train_log,
+        "pooled": pooled,
         "points": points,
         "elapsed_s": elapsed,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
+    args.out.with_suffix(".md").write_text(text)
     png = args.out.with_suffix(".png")
     plot(result, png)
     checks = {k: v for p in points for b in p["batches"] for k, v in b["checks"].items()}
     print(f"\nchecks: {json.dumps(checks)}")
-    print(f"wrote {args.out} and {png} in {elapsed:.1f} s", flush=True)
+    print(f"wrote {args.out}, its .md and {png} in {elapsed:.1f} s", flush=True)
     return result
 
 

@@ -29,6 +29,7 @@ from .features import (
     adam_features,
     batch_moments,
     draw_directions,
+    find_value_block,
     lift,
     optimizer_moments,
     top_dims,
@@ -434,7 +435,7 @@ class CoresetSelector:
                     stacklevel=3,
                 )
                 self._warned_nonfinite = True
-        f = self._normalize(g, finite, optimizer) if cfg.adam else g
+        f = self._normalize(model, g, finite, optimizer) if cfg.adam else g
         f = torch.where(finite[:, None], f, torch.zeros_like(f))
 
         pos = {i: r for r, i in enumerate(rows)}
@@ -459,13 +460,14 @@ class CoresetSelector:
             self.normalizer.update(g[torch.tensor(chosen_rows, device=g.device)])
         return weight_of
 
-    def _normalize(self, g: torch.Tensor, finite: torch.Tensor, optimizer) -> torch.Tensor:
+    def _normalize(self, model, g: torch.Tensor, finite: torch.Tensor, optimizer) -> torch.Tensor:
         """Adam-normalised features; batch statistics come from the finite rows only."""
         cfg = self.config
         clean = torch.where(finite[:, None], g, torch.zeros_like(g))
         if cfg.moments != "optimizer":
             return self.normalizer.normalize(clean, finite)
-        moments = optimizer_moments(optimizer, self._features.block)
+        block = self._features.block if self._features is not None else find_value_block(model)
+        moments = optimizer_moments(optimizer, block)
         if moments is None:  # before the optimizer's first step: the batch's statistics
             moments = batch_moments(g[finite], *cfg.adam_betas, cfg.adam_eps)
         return adam_features(clean, moments)
