@@ -226,6 +226,55 @@ def run_one(config, overrides, run_dir, record_path, env, timeout, force) -> dic
     return rec
 
 
+def measure_times(config, names, variants, common, out, env, rounds, steps, warmup) -> dict:
+    """Time per step of every variant, measured side by side on an otherwise idle machine:
+    short ``colm train`` runs without evaluation, the variants alternating in ``rounds``
+    so that a moment of load falls on all of them; the median over the steps after
+    ``warmup`` of every round. Written to ``finished/timing.json`` (reused by later
+    analyses; ``--timing`` measures it again)."""
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names:
+            run_dir = out / "runs" / f"timing-{name}"
+            ov = [
+                *common,
+                *variants[name]["overrides"],
+                f"name=timing-{name}",
+                f"output_dir={run_dir}",
+                f"train.steps={warmup + steps}",
+                "eval.enabled=false",
+                "eval.every=0",
+                f"train.seed={r}",
+            ]
+            cmd = [sys.executable, "-m", "colm.cli", "train", str(config), *ov]
+            log(f"timing {name}, round {r + 1}/{rounds}")
+            with open(out / "runs" / f"timing-{name}.log", "w") as logf:
+                subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            rec = record_of_steps(run_dir)
+            times[name] += rec[warmup:]
+    result = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info("cpu", default_threads()),
+        "rounds": rounds,
+        "steps": steps,
+        "warmup": warmup,
+        "time_per_step_s": {n: statistics.median(t) for n, t in times.items() if t},
+        "step_s": times,
+    }
+    (out / "finished" / "timing.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def record_of_steps(run_dir: Path) -> list[float]:
+    """Seconds of every logged step of a run (from metrics.jsonl's wall times)."""
+    walls = [0.0]
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "loss" in row and "wall_time" in row:
+            walls.append(float(row["wall_time"]))
+    return [b - a for a, b in zip(walls, walls[1:])]
+
+
 def base_point(config: Path, common: list[str], path: Path) -> dict[str, Any]:
     """Held-out loss of the untrained model (LoRA B = 0: the base model), measured once."""
     cfg_dict = resolved_config(config, common)
@@ -279,12 +328,17 @@ def at(points: list[tuple[float, float]], x: float) -> float | None:
     return None
 
 
-def analyse(variants: dict[str, dict], base: dict) -> dict[str, Any]:
-    """Per variant: time per step, final losses; equal-step and equal-time comparisons."""
-    for v in variants.values():
+def analyse(variants: dict[str, dict], base: dict, timing: dict | None = None) -> dict[str, Any]:
+    """Per variant: time per step (from the side-by-side timing run where it has the
+    variant, else the median over the variant's own runs), final losses; equal-step and
+    equal-time comparisons."""
+    clean = (timing or {}).get("time_per_step_s", {})
+    for name, v in variants.items():
         runs = v["runs"]
         tps = [r["time_per_step_s"] for r in runs if r.get("time_per_step_s")]
-        v["time_per_step_s"] = statistics.median(tps) if tps else None
+        v["time_per_step_own_s"] = statistics.median(tps) if tps else None
+        v["time_source"] = "timing run" if name in clean else "own runs"
+        v["time_per_step_s"] = clean.get(name, v["time_per_step_own_s"])
         v["steps"] = max((r["steps"] for r in runs), default=0)
     timed = [v for v in variants.values() if v["runs"] and v["time_per_step_s"]]
     budget = min((v["steps"] * v["time_per_step_s"] for v in timed), default=None)
@@ -427,6 +481,17 @@ def markdown(payload: dict[str, Any], plots: list[str]) -> str:
         if budget
         else "",
         "",
+        "Time per step: "
+        + (
+            f"measured side by side on an idle machine ({payload['timing']['date']}, "
+            f"{payload['timing']['rounds']} rounds x {payload['timing']['steps']} steps, "
+            "median)"
+            if payload.get("timing")
+            else "median over each variant's own runs (no side-by-side timing run yet)"
+        )
+        + "; the runs' own medians, measured while other work shared the machine, in "
+        "brackets.",
+        "",
         "| variant | seeds | s / step | held-out loss (in), last step | (out) | at equal time (in) "
         "| (out) |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -438,9 +503,9 @@ def markdown(payload: dict[str, Any], plots: list[str]) -> str:
 
     for n in shown:
         v = variants[n]
-        tps = v["time_per_step_s"]
+        tps, own = v["time_per_step_s"], v["time_per_step_own_s"]
         lines.append(
-            f"| {n} | {len(v['runs'])} | {tps:.2f} | {mc(v, 'final_loss_in')} | "
+            f"| {n} | {len(v['runs'])} | {tps:.2f} ({own:.2f}) | {mc(v, 'final_loss_in')} | "
             f"{mc(v, 'final_loss_out')} | {mc(v, 'time_loss_in')} | {mc(v, 'time_loss_out')} |"
         )
     refs = [r for r in REFERENCES if r in shown]
@@ -494,6 +559,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     p.add_argument("--force", action="store_true", help="rerun finished runs")
     p.add_argument("--report-only", action="store_true", help="aggregate the finished runs only")
+    p.add_argument(
+        "--timing",
+        action="store_true",
+        help="measure every variant's time per step side by side (no evaluation; run it "
+        "on an idle machine), then report",
+    )
+    p.add_argument("--timing-rounds", type=int, default=2)
+    p.add_argument("--timing-steps", type=int, default=6, help="timed steps per round")
     p.add_argument("--quick", action="store_true", help="tiny model, small mixture, 4 steps")
     args = p.parse_args(argv)
 
@@ -550,7 +623,14 @@ def main(argv: list[str] | None = None) -> int:
             {"seed": seed, **{k: v for k, v in rec.items() if k != "config"}}
         )
 
-    analysis = analyse(variants, base)
+    timing_path = out / "finished" / "timing.json"
+    if args.timing:
+        steps = 2 if args.quick else args.timing_steps
+        measure_times(
+            config, names, variants, common, out, env, args.timing_rounds, steps, warmup=2
+        )
+    timing = json.loads(timing_path.read_text()) if timing_path.exists() else None
+    analysis = analyse(variants, base, timing)
     plots = plot_curves(variants, base, analysis, out)
     from colm.config import load_config
 
@@ -578,6 +658,7 @@ def main(argv: list[str] | None = None) -> int:
         "base": base,
         "variants": variants,
         "analysis": analysis,
+        "timing": timing,
         "failed": failed,
         "plots": plots,
     }

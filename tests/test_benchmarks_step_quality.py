@@ -6,7 +6,6 @@ import importlib.util
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -99,49 +98,55 @@ def test_peak_memory_grows_with_an_allocation(step):
 
 
 def test_variants_parse_and_resolve(quality):
-    assert quality.parse_variants("default") == ["full", "random", "colm"]
+    assert quality.parse_variants("protocol") == quality.PROTOCOL
     everything = quality.parse_variants("all")
-    assert everything[:3] == ["full", "random", "colm"]
-    assert set(quality.ABLATIONS) <= set(everything) and "accumulate" not in everything
+    assert everything[: len(quality.PROTOCOL)] == quality.PROTOCOL
+    assert set(quality.ABLATIONS + quality.CANDIDATES) <= set(everything)
     assert quality.parse_variants("colm,accumulate,colm") == ["colm", "accumulate"]
     with pytest.raises(SystemExit):
         quality.parse_variants("colm,bogus")
-    # every runnable variant is a valid configuration of colm train
-    for name in everything + ["accumulate"]:
-        ok, why = quality.variant_available(name)
-        if not ok:
-            assert name == "small_random_big" and "random_big" in why
-            continue
-        cfg = quality.resolved_config(quality.DEFAULT_CONFIG, quality.VARIANTS[name][0])
+    base = quality.resolved_config(quality.DEFAULT_CONFIG, [])
+    # every variant is a valid configuration of colm train
+    for name in everything:
+        cfg = quality.resolved_config(quality.DEFAULT_CONFIG, quality.variant_overrides(name, base))
         assert cfg["train"]["method"] in ("full", "random", "colm", "accumulate")
-    cfg = quality.resolved_config(quality.DEFAULT_CONFIG, quality.VARIANTS["no_small"][0])
-    assert cfg["selector"]["small_sources"] == []
+    b2 = quality.resolved_config(
+        quality.DEFAULT_CONFIG, quality.variant_overrides("random_b2", base)
+    )
+    assert b2["train"]["adam_beta2"] == pytest.approx(0.999 ** (8 / 16), abs=1e-6)
+    paper = quality.resolved_config(quality.DEFAULT_CONFIG, quality.variant_overrides("colm", base))
+    assert paper["selector"]["preset"] == "paper"
 
 
-def test_aggregate_and_bands(quality):
-    runs = [
-        {
-            "loss_in": 1.0,
-            "loss_out": 2.0,
-            "heldout_loss": {"a": 1.0, "b": 3.0},
-            "curve": [(1, 2.0, 1.0), (2, 1.0, 2.0)],
-        },
-        {
-            "loss_in": 3.0,
-            "loss_out": None,
-            "heldout_loss": {"a": 2.0},
-            "curve": [(1, 4.0, 3.0), (2, 3.0, 4.0), (3, 1.0, 5.0)],
-        },
-    ]
-    agg = quality.aggregate(runs)
-    assert agg["loss_in"] == {"mean": 2.0, "std": pytest.approx(math.sqrt(2)), "n": 2}
-    assert agg["loss_out"] == {"mean": 2.0, "std": 0.0, "n": 1}
-    assert agg["heldout_loss"]["b"]["n"] == 1
-    assert agg["acc_in"]["mean"] is None
-    steps, mean, std, wall = quality._band([r["curve"] for r in runs], window=1)
-    assert steps == [1, 2]  # only steps every seed has
-    assert mean == [3.0, 2.0] and wall == [2.0, 3.0]
-    assert std[0] == pytest.approx(math.sqrt(2))
+def test_interpolation_and_equal_time_analysis(quality, monkeypatch):
+    assert quality.at([(0, 3.0), (10, 1.0)], 5) == pytest.approx(2.0)
+    assert quality.at([(0, 3.0), (10, 1.0)], 11) is None
+    base = {"point": {"loss_in": 3.0, "loss_out": 4.0}}
+
+    def run(seed, losses, tps):
+        heldout = [{"step": s, "loss_in": x, "loss_out": x + 1} for s, x in zip((2, 4), losses)]
+        return {"seed": seed, "heldout": heldout, "steps": 4, "time_per_step_s": tps}
+
+    variants = {
+        # fast: 1 s per step; slow: 2 s per step, lower loss per step
+        "fast": {"runs": [run(0, [2.0, 1.5], 1.0), run(1, [2.2, 1.7], 1.0)]},
+        "slow": {"runs": [run(0, [1.8, 1.0], 2.0), run(1, [1.9, 1.1], 2.0)]},
+    }
+    monkeypatch.setattr(quality, "REFERENCES", ("fast",))
+    an = quality.analyse(variants, base)
+    assert an["time_budget_s"] == 4.0  # the fast variant's 4 steps
+    # at 4 s the slow variant has made 2 steps
+    assert variants["slow"]["runs"][0]["time_loss_in"] == pytest.approx(1.8)
+    assert variants["fast"]["runs"][1]["time_loss_in"] == pytest.approx(1.7)
+    eq_steps = an["comparisons"]["slow"]["fast"]["final_loss_in"]
+    eq_time = an["comparisons"]["slow"]["fast"]["time_loss_in"]
+    assert eq_steps["mean"] == pytest.approx(-0.55) and eq_steps["lower"] == 2
+    # slow at 2 steps against fast at 4: 1.8 - 1.5 and 1.9 - 1.7
+    assert eq_time["mean"] == pytest.approx(0.25) and eq_time["lower"] == 0
+    assert eq_time["n"] == 2 and eq_time["lo"] < eq_time["mean"] < eq_time["hi"]
+    # the side-by-side timing, where there is one, sets the time axis
+    an2 = quality.analyse(variants, base, {"time_per_step_s": {"slow": 1.0}})
+    assert an2["time_budget_s"] == 4.0 and variants["slow"]["time_source"] == "timing run"
 
 
 # --------------------------------------------------------------------------- --quick runs
@@ -203,38 +208,40 @@ def test_bench_quality_quick(tmp_path, tiny_model_dir):
         "--quick",
         "--model",
         str(tiny_model_dir),
+        "--variants",
+        "full,random,random_big,colm",
         "--out",
         str(tmp_path),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "quality.json").read_text())
-    assert data["seeds"] == [0] and data["settings"]["steps"] == 2
-    assert set(data["variants"]) == {"full", "random", "colm"}
+    assert data["seeds"] == [0] and data["settings"]["steps"] == 4
+    assert set(data["variants"]) == {"full", "random", "random_big", "colm"}
     for v in data["variants"].values():
-        assert len(v["runs"]) == 1
-        agg = v["aggregate"]
-        assert _finite(agg["loss_in"]["mean"]) and _finite(agg["loss_out"]["mean"])
-        assert _finite(agg["acc_in"]["mean"])
-        assert all(_finite(s["mean"]) for s in agg["heldout_loss"].values())
-        assert [s for s, _, _ in v["runs"][0]["curve"]] == [1, 2]
-    for png in ("loss_vs_step.png", "loss_vs_time.png", "heldout_loss.png"):
+        (run,) = v["runs"]
+        assert [p["step"] for p in run["heldout"]] == [2, 4]  # eval.every=2 in --quick
+        assert _finite(run["final_loss_in"]) and _finite(run["time_loss_in"])
+        assert v["time_per_step_s"] > 0
+    assert data["analysis"]["time_budget_s"] > 0
+    assert set(data["analysis"]["comparisons"]["colm"]) == {"random_big", "random", "full"}
+    for png in ("heldout_vs_step.png", "heldout_vs_time.png", "heldout_per_source.png"):
         assert (tmp_path / png).stat().st_size > 0
     md = (tmp_path / "quality.md").read_text()
-    assert md.startswith("## Quality at equal steps") and "| colm |" in md
-    # a second invocation reuses the finished runs
+    assert md.startswith("## Held-out loss at equal steps and at equal wall time")
+    assert "| colm |" in md
+    records = sorted(p.name for p in (tmp_path / "finished").iterdir())
+    assert records == sorted(["base.json"] + [f"{n}-seed0.json" for n in data["variants"]])
+    # a second invocation reuses the finished runs, from the records alone
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs")
     again = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stderr.count("reused") == 3
+    assert again.stderr.count("reused") == 4
 
 
-def test_run_order_and_paired_differences(quality):
+def test_run_order(quality):
     order = quality.run_order([("colm", [0, 1]), ("no_adam", [0]), ("full", [0, 1, 1])])
-    # full/random/colm first and seed-major, then the ablations; duplicates dropped
-    assert order == [("colm", 0), ("full", 0), ("colm", 1), ("full", 1), ("no_adam", 0)]
-    runs = [{"seed": 0, "loss_in": 1.0}, {"seed": 1, "loss_in": 2.5}, {"seed": 2, "loss_in": 9.0}]
-    ref = [{"seed": 0, "loss_in": 2.0}, {"seed": 1, "loss_in": 2.0}, {"seed": 3, "loss_in": 0.0}]
-    d = quality.paired(runs, ref, "loss_in")
-    assert d["n"] == 2 and d["lower"] == 1  # seeds 2 and 3 have no pair
-    assert d["mean"] == pytest.approx(-0.25)
-    assert d["std"] == pytest.approx(statistics.stdev([-1.0, 0.5]))
+    # seed-major in the order given, duplicates dropped: an interrupted run leaves whole seeds
+    assert order == [("colm", 0), ("no_adam", 0), ("full", 0), ("colm", 1), ("full", 1)]
