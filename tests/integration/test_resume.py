@@ -146,3 +146,34 @@ def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(
     assert r.returncode == 0, r.stderr[-2000:]
     assert "checkpoint-2" in r.stderr  # resumed from the last complete checkpoint
     _assert_same_adapter(full, crashed)
+
+
+class _Payload:
+    """A pickle that runs code when loaded unsafely: it creates a file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_resume_refuses_a_selector_state_that_would_run_code(tmp_path, tiny_model_dir):
+    run = tmp_path / "planted"
+    cfg = _config(tmp_path, tiny_model_dir, run)
+    r = _colm("train", str(cfg), "train.steps=2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    state = run / "checkpoints" / "checkpoint-2" / "colm_selector.pt"
+    assert state.exists()
+    # a genuine state is plain data: it loads with weights_only=True
+    from colm.integrations.hf_trainer import load_selector_state
+
+    assert load_selector_state(state)["step"] == 2
+    marker = tmp_path / "code_ran"
+    torch.save({"step": 2, "evil": _Payload(marker)}, state)
+    r = _colm("train", "--resume", str(run), "train.steps=4")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "not a selector state colm can read safely" in r.stderr
+    assert not marker.exists()  # nothing ran

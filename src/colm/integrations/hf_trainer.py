@@ -328,7 +328,7 @@ class CoLMTrainerMixin:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, SELECTOR_FILE)
         if self.colm_selector is not None and os.path.exists(path):
-            self.colm_selector.load_state_dict(torch.load(path, weights_only=False))
+            self.colm_selector.load_state_dict(load_selector_state(path))
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         if resume_from_checkpoint is True:
@@ -336,6 +336,22 @@ class CoLMTrainerMixin:
             if resume_from_checkpoint is None:
                 raise ValueError(f"no complete checkpoint in {self.args.output_dir} to resume from")
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+
+def load_selector_state(path: str | os.PathLike) -> dict[str, Any]:
+    """A saved selector state, read as data only (tensors and plain values,
+    ``torch.load(weights_only=True)``): a checkpoint from elsewhere cannot run code."""
+    import pickle
+
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path} is not a selector state colm can read safely: it holds objects other than "
+            "tensors and plain values, and colm never runs code from a checkpoint. Resume from "
+            "a checkpoint colm wrote, or delete this file to resume without the selector state "
+            f"(moments and random generator start afresh). ({str(e).splitlines()[0]})"
+        ) from None
 
 
 def _refuse_sharded_parameters(trainer) -> None:
