@@ -63,7 +63,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ("full", "accumulate", "random", "colm", "match")
+# full_ckpt: the full batch with gradient checkpointing (the memory-saving alternative a
+# user may pick instead; its quality is full's); random_big: colm's budgets, no features
+METHODS = ("full", "accumulate", "random", "colm", "match", "random_big", "full_ckpt")
 # (label, numerator, denominator, quantity, target: ratio must be <= target)
 TARGETS = (
     ("colm/full memory", "colm", "full", "memory", 0.6),
@@ -101,7 +103,7 @@ def method_available(method: str) -> tuple[bool, str]:
     from colm import SelectorConfig
     from colm.integrations.hf_trainer import TRAIN_METHODS
 
-    if method in TRAIN_METHODS:
+    if method in TRAIN_METHODS or method == "full_ckpt":
         return True, ""
     try:
         SelectorConfig(method=method)
@@ -345,9 +347,9 @@ def run_method(spec: dict) -> dict:
     examples = json.loads(Path(spec["data"]).read_text())
     counts = json.loads(Path(spec["counts"]).read_text())
 
-    selector_method = "match" if method == "match" else "colm"
-    colm_method = method if method in TRAIN_METHODS else "colm"
-    sel_cfg = SelectorConfig(ratio=spec["ratio"], method=selector_method, seed=0)
+    selector_method = method if method in ("match", "random_big") else "colm"
+    colm_method = "full" if method == "full_ckpt" else method if method in TRAIN_METHODS else "colm"
+    sel_cfg = SelectorConfig.preset("paper", ratio=spec["ratio"], method=selector_method, seed=0)
     B, n_micro = spec["source_batch"], spec["micro_batches"]
     steps = spec["warmup"] + spec["repeats"]
     records: list[dict] = []
@@ -404,6 +406,8 @@ def run_method(spec: dict) -> dict:
         remove_unused_columns=False,
         dataloader_drop_last=True,
         use_cpu=not device.startswith("cuda"),
+        gradient_checkpointing=method == "full_ckpt",
+        gradient_checkpointing_kwargs={"use_reentrant": False} if method == "full_ckpt" else None,
     )
     trainer = Bench(
         model=model,
@@ -420,10 +424,10 @@ def run_method(spec: dict) -> dict:
     if selector is not None:
         inner = selector.select
 
-        def timed_select(m, batch):
+        def timed_select(m, batch, **kw):
             mem.reset()
             t0 = time.perf_counter()
-            sel = inner(m, batch)
+            sel = inner(m, batch, **kw)
             mem.sync()
             rec = records[-1]
             rec["select_s"] = time.perf_counter() - t0

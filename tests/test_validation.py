@@ -196,3 +196,36 @@ def test_checks_also_run_for_a_config_built_in_code(tmp_path, data_file, model_l
     with pytest.raises(ConfigError, match=r"train\.lr=-1\.0 is invalid"):
         run_training(cfg)
     assert model_loads == []
+
+
+def test_paper_preset_is_one_switch_away():
+    from pathlib import Path
+
+    from colm import SelectorConfig
+    from colm.config import load_config
+    from colm.selector import PRESETS
+
+    root = Path(__file__).resolve().parents[1]
+    paper = load_config(root / "configs" / "paper.yaml").selector_config()
+    assert paper == SelectorConfig.preset("paper", ratio=0.5, seed=0)
+    for key, value in PRESETS["paper"].items():
+        assert getattr(paper, key) == value
+    # the paper's settings, spelled out (METHOD.md)
+    assert (paper.method, paper.feature, paper.num_directions, paper.moments) == (
+        "colm",
+        "zo",
+        1,
+        "fresh",
+    )
+    assert (paper.topk_dims, paper.metric, paper.weights, paper.per_source) == (
+        2560,
+        "l1",
+        "uniform",
+        True,
+    )
+    # a preset takes overrides, and a bad name is a clear error
+    assert SelectorConfig.preset("paper", feature="exact").feature == "exact"
+    with pytest.raises(ValueError, match="preset='nope' is invalid"):
+        SelectorConfig.preset("nope")
+    with pytest.raises(ConfigError, match="selector.preset"):
+        load_config(root / "configs" / "paper.yaml", ["selector.preset=nope"]).selector_config()

@@ -46,8 +46,8 @@ def _record(selector: CoresetSelector, log: list) -> None:
     """Keep every step's selected examples (token lists) and stats."""
     inner = selector.select
 
-    def select(model, batch):
-        sel = inner(model, batch)
+    def select(model, batch, **kw):
+        sel = inner(model, batch, **kw)
         ids, am = batch["input_ids"], batch["attention_mask"]
         picked = [ids[i][am[i].bool()].tolist() for i in sel.indices.tolist()]
         log.append({"picked": picked, "weights": sel.weights.tolist(), "stats": sel.stats})

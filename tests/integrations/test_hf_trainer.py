@@ -90,8 +90,8 @@ def _train(tmp_path, method, weights="uniform", steps=1, spy_selection=None, **k
     if trainer.colm_selector is not None:
         real = trainer.colm_selector.select
 
-        def sel(model, batch):
-            s = real(model, batch)
+        def sel(model, batch, **kw):
+            s = real(model, batch, **kw)
             seen["selections"].append((batch, s))
             return s
 
