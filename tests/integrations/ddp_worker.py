@@ -98,6 +98,7 @@ def run_trainer(a, rank: int, world: int) -> dict:
         num_directions=2,
         small_sources=["small1", "small2"],
         weights=a.weights,
+        moments=a.moments,
         seed=3,
     )
     trainer = CoLMTrainer(
@@ -133,6 +134,7 @@ def run_loop(a, rank: int, world: int) -> dict:
         num_directions=2,
         small_sources=small,
         weights=a.weights,
+        moments=a.moments,
         seed=3,
     )
     selector = CoresetSelector(cfg, counts)
@@ -164,6 +166,7 @@ def main() -> None:
     p.add_argument("--method", default="colm")
     p.add_argument("--feature", default="zo")
     p.add_argument("--weights", default="uniform")
+    p.add_argument("--moments", default="fresh")
     p.add_argument("--case", default="")
     p.add_argument("--coreset", type=int, default=0)
     p.add_argument("--save-steps", type=int, default=0)

@@ -106,6 +106,25 @@ def test_trainer_two_processes_select_train_and_resume_as_one(tmp_path):
 
 
 @pytest.mark.slow
+def test_trainer_optimizer_moments_two_processes_and_resume_as_one(tmp_path):
+    """moments='optimizer': the features are normalised with the Trainer's AdamW state of
+    the value block, which every rank holds identically (and a checkpoint restores)."""
+    args = ["--mode", "trainer", "--steps", "4", "--micro", "8", "--save-steps", "2"]
+    args += ["--moments", "optimizer", "--feature", "exact"]
+    one = launch(tmp_path / "one", 1, *args)[0]
+    two = launch(tmp_path / "two", 2, *args)
+    assert_same_run(one, two)
+    fresh = launch(tmp_path / "fresh", 1, *args[:-4], "--feature", "exact")[0]
+    # the optimizer's moments change what is picked after the first step
+    assert [s["picked"] for s in fresh["steps"][1:]] != [s["picked"] for s in one["steps"][1:]]
+    ckpt = tmp_path / "two" / "trainer" / "checkpoint-2"
+    again = tmp_path / "resumed" / "trainer" / "checkpoint-2"
+    shutil.copytree(ckpt, again)
+    resumed = launch(tmp_path / "resumed", 2, *args, "--resume", str(again))
+    assert [s["picked"] for s in resumed[0]["steps"]] == [s["picked"] for s in two[0]["steps"][2:]]
+
+
+@pytest.mark.slow
 def test_trainer_cluster_weights_two_processes_as_one(tmp_path):
     """Weighted loss under DDP: each rank's share is normalised by the whole coreset's
     weighted token count."""
