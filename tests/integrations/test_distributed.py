@@ -200,7 +200,17 @@ def test_a_sharded_value_block_is_refused_by_the_locator():
         find_value_block(model)
 
 
-def _cli(tmp_path: Path, model_dir: Path, name: str, processes: int) -> Path:
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _cli(
+    tmp_path: Path, model_dir: Path, name: str, processes: int, launcher: str = "torchrun"
+) -> Path:
     import yaml
 
     run = tmp_path / name
@@ -222,10 +232,18 @@ def _cli(tmp_path: Path, model_dir: Path, name: str, processes: int) -> Path:
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={processes}", "-m", "colm.cli", "train", str(path),
-    ]  # fmt: skip
+    if launcher == "torchrun":
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={processes}", "-m", "colm.cli", "train", str(path),
+        ]  # fmt: skip
+    else:  # the README's accelerate line; on a CPU the Trainer's use_cpu makes it gloo
+        cmd = [
+            sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
+            "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(_free_port()), "-m", "colm.cli", "train", str(path),
+        ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
@@ -235,13 +253,18 @@ def _cli(tmp_path: Path, model_dir: Path, name: str, processes: int) -> Path:
     return run
 
 
-def test_colm_train_cli_under_torchrun_matches_one_process(tmp_path, tiny_model_dir):
-    """`torchrun --nproc_per_node 2 -m colm.cli train CONFIG`: train.source_batch is the
-    global batch; rank 0 alone writes the run files; the result equals 1 process."""
+@pytest.mark.parametrize(
+    "launcher", ["torchrun", pytest.param("accelerate", marks=pytest.mark.slow)]
+)
+def test_colm_train_cli_under_torchrun_matches_one_process(tmp_path, tiny_model_dir, launcher):
+    """`torchrun --nproc_per_node 2 -m colm.cli train CONFIG` (and the README's
+    `accelerate launch --multi_gpu --num_processes 2 -m colm.cli train CONFIG`):
+    train.source_batch is the global batch; rank 0 alone writes the run files; the result
+    equals 1 process."""
     from safetensors.torch import load_file
 
     one = _cli(tmp_path, tiny_model_dir, "one", 1)
-    two = _cli(tmp_path, tiny_model_dir, "two", 2)
+    two = _cli(tmp_path, tiny_model_dir, "two", 2, launcher)
     lines = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
     ref = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3]  # one line per step
