@@ -97,10 +97,20 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
         [*PAPER, "selector.feature=exact", "selector.method=match"],
         "exact features, gradient matching per source",
     ),
+    "match_exact_opt": (
+        [
+            *PAPER,
+            "selector.feature=exact",
+            "selector.method=match",
+            "selector.moments=optimizer",
+        ],
+        "gradient matching per source on exact value-block gradients, Adam-normalised with "
+        "the training optimizer's state (the best selector in the gradient-matching benchmark)",
+    ),
 }
 PROTOCOL = ["full", "accumulate", "random", "random_b2", "random_big", "colm"]
 ABLATIONS = ["no_small", "no_adam", "joint", "cluster_weights"]
-CANDIDATES = ["exact", "exact_match"]
+CANDIDATES = ["match_exact_opt", "exact", "exact_match"]
 REFERENCES = ("random_big", "random", "full", "colm")  # paired against, when present
 
 # the --quick set-up: a tiny model, a small mixture, 4 steps
