@@ -226,7 +226,8 @@ def _greedy_lazy(cand: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     best = np.zeros(n, dtype=c.dtype)  # max similarity of each point to the chosen set
     bound = np.add.reduce(c, axis=1)  # every gain at step 0 (sim >= 0: relu is a no-op)
     stamp = np.zeros(n, dtype=np.int64)  # the step each bound was computed at
-    add_reduce, maximum, flatnonzero = np.add.reduce, np.maximum, np.flatnonzero
+    add_reduce, maximum, greater_equal = np.add.reduce, np.maximum, np.greater_equal
+    above = np.empty(n, dtype=bool)
     buf = np.empty(n, dtype=c.dtype)
     picks: list[int] = []
     values: list[float] = []
@@ -237,7 +238,8 @@ def _greedy_lazy(cand: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
             maximum(buf, 0, out=buf)
             bound[j] = add_reduce(buf)
             stamp[j] = step
-            rows = flatnonzero(bound >= bound[j])  # j among them: recomputed to the same value
+            greater_equal(bound, bound[j], out=above)
+            rows = above.nonzero()[0]  # j among them: recomputed to the same value
             gain = c.take(rows, axis=0)
             gain -= best
             maximum(gain, 0, out=gain)
