@@ -32,7 +32,7 @@ def _train(args) -> int:
             raise FileNotFoundError("give a config file (colm train CONFIG) or --resume RUN_DIR")
         cfg = load_config(args.config, args.overrides)
         run = run_training(cfg)
-    print(f"\nrun directory: {run}  (compare runs with: colm report {run} ...)")
+    print(f"run directory  {run}")
     return 0
 
 

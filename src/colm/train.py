@@ -26,6 +26,8 @@ import torch
 from transformers import TrainerCallback
 
 from .config import LR_SCHEDULERS, ConfigError, RunConfig, eval_max_length, save_config
+from .console import install as install_console
+from .console import summary_table
 
 
 class NonFiniteLossError(RuntimeError):
@@ -544,6 +546,8 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
     )
     guard.trainer = trainer
     _install_nan_fault(model, guard)
+    install_console(trainer)  # one progress bar; the per-step log dicts go to files only
+    _place_tensorboard(trainer, run / "tensorboard")
     _log(
         f"training {t.method}: {t.steps} steps, source batch {t.source_batch}, coreset "
         f"{selector_cfg.coreset_size(t.source_batch) if t.method in ('colm', 'random') else t.source_batch}"
@@ -561,16 +565,59 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
     if trainer.colm_selector is not None:
         torch.save(trainer.colm_selector.state_dict(), run / "selector.pt")
     (run / "memory.json").write_text(json.dumps({"peak_mb": peak_memory_mb()}))
+    wall = clock.elapsed()
+    result = None
     if cfg.eval.enabled:
-        wall = clock.elapsed()
-        result = run_eval(run, model=model, tokenizer=tokenizer, cfg=cfg)
+        result = run_eval(run, model=model, tokenizer=tokenizer, cfg=cfg, show=False)
         if cfg.eval.every or cfg.eval.at_start:  # the curve's last point
             split = {"in": {}, "out": {}}
             ood = {r["source"] for r in test_out}
             for src, value in result["loss"].items():
                 split["out" if src in ood else "in"][src] = value
             _append_line(curve, heldout_record(t.steps, wall, split, result["seconds"]))
+    _print_summary(cfg, run, train_records, test_out, result, wall)
     return run
+
+
+def _place_tensorboard(trainer, folder: Path) -> None:
+    """TensorBoard event files go to RUN/tensorboard (the Trainer's default would be under
+    the checkpoint folder); a resumed run adds an event file beside the first one."""
+    from transformers.integrations import TensorBoardCallback
+
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, TensorBoardCallback) and cb.tb_writer is None:
+            cb.logging_dir = str(folder)
+
+
+def _print_summary(cfg: RunConfig, run: Path, train_records, test_out, result, wall: float):
+    """The end of a run on the console: held-out loss before -> after per source group
+    (before: the step-0 point of heldout.jsonl, with eval.at_start), time, peak memory."""
+    from .data import source_counts
+    from .sources import find_small_sources
+
+    before = None
+    curve = run / "heldout.jsonl"
+    if curve.exists():
+        first = json.loads(curve.read_text().splitlines()[0])
+        if first.get("step") == 0:
+            before = first["loss"]
+    after = (result or {}).get("loss") or {}
+    small = find_small_sources(source_counts(train_records), cfg.selector_config().small_sources)
+    if after:
+        print(
+            summary_table(
+                before,
+                after,
+                small=small,
+                out_of_domain={r["source"] for r in test_out},
+                seconds=wall,
+                peak_mb=peak_memory_mb(),
+                report=f"colm report {run} --out {run / 'report'}",
+            ),
+            flush=True,
+        )
+    else:
+        print(f"\ntraining time  {wall:.0f} s\nrun directory  {run}", flush=True)
 
 
 def load_run_config(run: Path) -> RunConfig:
@@ -582,8 +629,11 @@ def load_run_config(run: Path) -> RunConfig:
     return load_config(path)
 
 
-def run_eval(run: Path, model=None, tokenizer=None, cfg: RunConfig | None = None) -> dict[str, Any]:
-    """Evaluate a run's final adapter (or the given model); writes eval.json."""
+def run_eval(
+    run: Path, model=None, tokenizer=None, cfg: RunConfig | None = None, show: bool = True
+) -> dict[str, Any]:
+    """Evaluate a run's final adapter (or the given model); writes eval.json and, with
+    ``show``, prints the table per source."""
     from .evaluate import evaluate, format_table, write_eval
 
     run = Path(run)
@@ -616,7 +666,8 @@ def run_eval(run: Path, model=None, tokenizer=None, cfg: RunConfig | None = None
         generate=e.generate and cfg.data.path is None,
     )
     write_eval(result, run / "eval.json")
-    print(format_table(result))
+    if show:
+        print(format_table(result))
     return result
 
 
