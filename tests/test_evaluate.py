@@ -115,6 +115,35 @@ def test_heldout_loss_matches_per_example_twin(tokenizer, mixture, batch_size):
         assert got[source] == pytest.approx(want[source], rel=1e-5)
 
 
+def test_heldout_losses_standard_error_is_the_ratio_estimators(tokenizer, mixture):
+    """The SE of each source's token-weighted loss, from the per-example twin's sums and
+    counts: the delta method for a ratio of means, written out plainly."""
+    model = tiny_lm(tokenizer)
+    records = mixture.test_in + mixture.test_out
+    got = ev.heldout_losses(model, tokenizer, records, max_length=256, batch_size=4)
+    examples, _ = tokenize_records(records, tokenizer, max_length=256)
+    per: dict[str, list[tuple[float, int]]] = {}
+    for ex in examples:
+        labels = torch.tensor([ex["labels"]])
+        with torch.no_grad():
+            loss = model(input_ids=torch.tensor([ex["input_ids"]]), labels=labels).loss.item()
+        n = int((labels[0, 1:] != -100).sum())
+        per.setdefault(ex["source"], []).append((loss * n, n))
+    for source, rows in per.items():
+        s = torch.tensor([r[0] for r in rows], dtype=torch.float64)
+        n = torch.tensor([r[1] for r in rows], dtype=torch.float64)
+        ratio = s.sum() / n.sum()
+        m = len(rows)
+        var = ((s - ratio * n) ** 2).sum() / (m - 1) / m / n.mean() ** 2
+        assert got[source].examples == m and got[source].tokens == int(n.sum())
+        assert got[source].loss == pytest.approx(float(ratio), rel=1e-5)
+        assert got[source].se == pytest.approx(float(var.sqrt()), rel=1e-4)
+        lo, hi = got[source].ci95
+        assert lo < got[source].loss < hi
+    one = ev.heldout_losses(model, tokenizer, mixture.test_in[:1], max_length=256)
+    assert all(math.isnan(v.se) for v in one.values())  # one example: no spread to measure
+
+
 class _NoSlicing(torch.nn.Module):
     """A causal LM whose forward takes no logits_to_keep (the plain path must be used)."""
 

@@ -171,8 +171,9 @@ def test_report_detail_tables(runs, tmp_path):
     acc = table_rows(text, "task")
     assert list(acc) == ["basic_arithmetic", "chain_sum", "gcd", "products"]
     assert acc["products"]["domain"] == "out"
-    assert acc["chain_sum"]["colm"] == "30.0% (n=20)"
-    assert acc["basic_arithmetic"]["random-baseline"] == "40.0% (n=20)"
+    # with n and the 95% Wilson interval (6 of 20: [14.5, 51.9]; 8 of 20: [21.9, 61.3])
+    assert acc["chain_sum"]["colm"] == "30.0% of 20 [15, 52]"
+    assert acc["basic_arithmetic"]["random-baseline"] == "40.0% of 20 [22, 61]"
     loss = table_rows(text, "source")  # the first "source" table is the loss table
     assert loss["chain_sum"]["random-baseline"] == "1.6000"
     assert loss["products"]["colm"] == "2.0000"
@@ -213,7 +214,7 @@ def test_missing_eval_and_memory_show_dashes(tmp_path):
     assert row["steps"] == "30"
     for column in ("held-out loss (in)", "accuracy (in)", "accuracy (out)", "peak memory"):
         assert row[column] == "-"
-    assert "No run has eval.json" in text
+    assert "No run measured held-out loss" in text
     assert not (out / "accuracy_per_task.png").exists()
     for name in ("loss_vs_step", "loss_vs_time", "selected_share"):
         assert_png(out / f"{name}.png")
@@ -260,3 +261,50 @@ def test_final_loss_rule():
     assert final_loss(list(range(10))) == 9.0  # last 1
     assert final_loss(list(range(11))) == 9.5  # ceil(1.1) = last 2
     assert final_loss(list(range(100))) == sum(range(90, 100)) / 10
+
+
+def test_wilson_interval_against_known_values():
+    from colm.report import wilson
+
+    assert wilson(6, 20) == pytest.approx((0.1455, 0.5190), abs=1e-4)
+    assert wilson(0, 5) == pytest.approx((0.0, 0.4345), abs=1e-4)  # 0 of 5 is not "0 +- 0"
+    assert wilson(5, 5)[1] == pytest.approx(1.0)
+
+
+def test_heldout_curves_and_before_after_with_intervals(runs, tmp_path):
+    """heldout.jsonl (step 0 = the untrained model, then points during training, with
+    standard errors) gives the held-out curves, the before/after plot and the table's
+    untrained column; intervals are 1.96 standard errors."""
+    colm, random = runs
+    for run, end in ((colm, 1.0), (random, 1.2)):
+        points = [
+            {
+                "step": 0,
+                "wall_time": 0.0,
+                "loss": {"basic_arithmetic": 2.0, "chain_sum": 2.5, "gcd": 1.5, "products": 3.0},
+                "sources_out": ["products"],
+                "se": {"basic_arithmetic": 0.05, "chain_sum": 0.05, "gcd": 0.1, "products": 0.1},
+            },
+            {
+                "step": 15,
+                "wall_time": 15.0,
+                "loss": {"basic_arithmetic": end, "chain_sum": 2.0, "gcd": 1.0, "products": 2.5},
+                "sources_out": ["products"],
+                "se": {"basic_arithmetic": 0.05, "chain_sum": 0.05, "gcd": 0.1, "products": 0.1},
+            },
+        ]
+        (run / "heldout.jsonl").write_text("".join(json.dumps(p) + "\n" for p in points))
+    ev = json.loads((colm / "eval.json").read_text())
+    ev["loss_se"] = {s: 0.01 for s in ev["loss"]}
+    ev["loss_examples"] = {s: 50 for s in ev["loss"]}
+    (colm / "eval.json").write_text(json.dumps(ev))
+    out = tmp_path / "out"
+    text = make_report(list(runs), out).read_text()
+    for name in ("heldout_vs_step", "heldout_vs_time", "heldout_before_after"):
+        assert_png(out / f"{name}.png")
+        assert f"]({name}.png)" in text
+    loss = table_rows(text, "source")
+    assert loss["chain_sum"]["untrained"] == f"2.5000 ± {1.96 * 0.05:.4f}"
+    assert loss["chain_sum"]["n"] == "50"
+    assert loss["chain_sum"]["colm"] == f"{ev['loss']['chain_sum']:.4f} ± {1.96 * 0.01:.4f}"
+    assert loss["chain_sum"]["random-baseline"] == "1.6000"  # its eval.json has no errors

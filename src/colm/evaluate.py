@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,41 @@ def _mean(values: Sequence[float]) -> float | None:
 # --------------------------------------------------------------------------- held-out loss
 
 
+@dataclass(frozen=True)
+class SourceLoss:
+    """Held-out loss of one source: the mean over its completion tokens, and how sure it is.
+
+    ``se`` is the standard error of that token-weighted mean over the source's examples
+    (a ratio estimator: sum_i s_i / sum_i n_i with s_i, n_i example i's summed loss and
+    label tokens; SE = sqrt(sum_i (s_i - R n_i)^2 / (m (m - 1))) / mean_i n_i). It says how
+    much the figure would move with other held-out examples of the same source, so two
+    models' losses on the same examples differ by less than their intervals suggest.
+    NaN with fewer than 2 examples.
+    """
+
+    loss: float
+    se: float
+    examples: int
+    tokens: int
+
+    @property
+    def ci95(self) -> tuple[float, float]:
+        """95% interval (normal approximation; fine from about 30 examples)."""
+        return (self.loss - 1.96 * self.se, self.loss + 1.96 * self.se)
+
+
+def _source_loss(sums: Sequence[float], counts: Sequence[int]) -> SourceLoss:
+    m, tokens = len(sums), sum(counts)
+    if not tokens:
+        return SourceLoss(math.nan, math.nan, m, 0)
+    r = sum(sums) / tokens
+    if m < 2:
+        return SourceLoss(r, math.nan, m, tokens)
+    resid = sum((s - r * n) ** 2 for s, n in zip(sums, counts))
+    se = math.sqrt(resid / (m * (m - 1))) / (tokens / m)
+    return SourceLoss(r, se, m, tokens)
+
+
 def heldout_loss(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -126,8 +162,23 @@ def heldout_loss(
     Examples are tokenized as for training (:func:`colm.data.tokenize_records`,
     cut at `max_length`). The loss of a source is the mean cross-entropy over
     all of its completion tokens (EOS included), i.e. weighted by tokens, not
-    by examples. Returns ``{source: loss}`` in order of first appearance.
+    by examples. Returns ``{source: loss}`` in order of first appearance;
+    :func:`heldout_losses` gives each with its standard error.
     """
+    found = heldout_losses(model, tokenizer, records, max_length, batch_size, progress, desc)
+    return {s: v.loss for s, v in found.items()}
+
+
+def heldout_losses(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    records: Sequence[Mapping[str, Any]],
+    max_length: int = 512,
+    batch_size: int = 8,
+    progress: bool = False,
+    desc: str = "held-out loss",
+) -> dict[str, SourceLoss]:
+    """As :func:`heldout_loss`, with each source's standard error (:class:`SourceLoss`)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     examples, _ = tokenize_records(records, tokenizer, max_length=max_length, overflow="truncate")
@@ -136,8 +187,8 @@ def heldout_loss(
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     collate = CoLMCollator(tokenizer)
     device = _device(model)
-    sums: dict[str, float] = {ex["source"]: 0.0 for ex in examples}
-    counts: dict[str, int] = dict.fromkeys(sums, 0)
+    sums: dict[str, list[float]] = {ex["source"]: [] for ex in examples}
+    counts: dict[str, list[int]] = {s: [] for s in sums}
     fast = True  # logits at label positions only, until the model shows it cannot
     with _eval_mode(model), _progress(len(examples), desc, progress) as bar:
         for start in range(0, len(order), batch_size):
@@ -155,10 +206,10 @@ def heldout_loss(
             if per_sum is None:
                 per_sum, per_n = _all_token_losses(model, inputs, labels)
             for source, s, n in zip(sources, per_sum.tolist(), per_n.tolist()):
-                sums[source] += s
-                counts[source] += n
+                sums[source].append(s)
+                counts[source].append(int(n))
             bar.update(len(sources))
-    return {s: (sums[s] / counts[s] if counts[s] else math.nan) for s in sums}
+    return {s: _source_loss(sums[s], counts[s]) for s in sums}
 
 
 def _all_token_losses(model, inputs, labels) -> tuple[torch.Tensor, torch.Tensor]:
@@ -343,7 +394,8 @@ def evaluate(
 
     Returns a JSON-ready dict:
 
-    * ``loss``: ``{source: mean token loss}`` for the sources of both splits;
+    * ``loss``: ``{source: mean token loss}`` for the sources of both splits, with
+      ``loss_se`` (its standard error, :class:`SourceLoss`) and ``loss_examples``;
     * ``accuracy_in`` / ``accuracy_out``: ``{task: {"accuracy", "n", "mean_score"}}``
       (empty when ``generate=False`` or the split is empty);
     * ``summary``: ``loss_in`` / ``loss_out`` (mean over the split's sources),
@@ -357,11 +409,14 @@ def evaluate(
         raise ValueError("nothing to evaluate: test_in and test_out are both empty")
     t0 = time.perf_counter()
     loss: dict[str, dict[str, float]] = {"in": {}, "out": {}}
+    found: dict[str, SourceLoss] = {}
     for split, records in (("in", test_in), ("out", test_out)):
         if records:
-            loss[split] = heldout_loss(
+            per = heldout_losses(
                 model, tokenizer, records, max_length, batch_size, progress, f"loss ({split})"
             )
+            loss[split] = {s: v.loss for s, v in per.items()}
+            found.update(per)
     accuracy: dict[str, dict[str, Any]] = {"in": {}, "out": {}}
     outputs: list[dict[str, Any]] = []
     if generate:
@@ -386,6 +441,8 @@ def evaluate(
     acc_out = [a["accuracy"] for a in accuracy["out"].values()]
     return {
         "loss": {**loss["in"], **loss["out"]},
+        "loss_se": {s: v.se for s, v in found.items()},
+        "loss_examples": {s: v.examples for s, v in found.items()},
         "accuracy_in": accuracy["in"],
         "accuracy_out": accuracy["out"],
         "summary": {

@@ -195,18 +195,21 @@ class _HeldoutCurve(TrainerCallback):
         self.final_eval = final_eval
 
     def measure(self, model, step: int) -> None:
-        from .evaluate import heldout_loss
+        from .evaluate import heldout_losses
 
         t0 = time.perf_counter()
         loss: dict[str, dict[str, float]] = {}
+        se: dict[str, float] = {}
         for split, records in (("in", self.test_in), ("out", self.test_out)):
             if records:
-                loss[split] = heldout_loss(
+                per = heldout_losses(
                     model, self.tokenizer, records, self.max_length, self.batch_size
                 )
+                loss[split] = {s: v.loss for s, v in per.items()}
+                se.update({s: v.se for s, v in per.items()})
         seconds = time.perf_counter() - t0
         self.clock.paused += seconds
-        _append_line(self.path, heldout_record(step, self.clock.elapsed(), loss, seconds))
+        _append_line(self.path, heldout_record(step, self.clock.elapsed(), loss, seconds, se))
 
     def on_train_begin(self, args, state, control, model=None, **kw):
         if self.at_start and state.global_step == 0 and state.is_world_process_zero:
@@ -221,8 +224,15 @@ class _HeldoutCurve(TrainerCallback):
         self.measure(model, step)
 
 
-def heldout_record(step: int, wall: float, loss: Mapping[str, Mapping[str, float]], seconds):
-    """One line of heldout.jsonl: losses per source and the in/out-of-domain means."""
+def heldout_record(
+    step: int,
+    wall: float,
+    loss: Mapping[str, Mapping[str, float]],
+    seconds,
+    se: Mapping[str, float] | None = None,
+):
+    """One line of heldout.jsonl: losses per source (with their standard errors, where
+    measured) and the in/out-of-domain means."""
 
     def mean(d):
         vals = list(d.values())
@@ -236,6 +246,7 @@ def heldout_record(step: int, wall: float, loss: Mapping[str, Mapping[str, float
         "loss_out": mean(loss.get("out", {})),
         "sources_out": sorted(loss.get("out", {})),
         "seconds": seconds,
+        **({"se": dict(se)} if se else {}),
     }
 
 
@@ -574,7 +585,10 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
             ood = {r["source"] for r in test_out}
             for src, value in result["loss"].items():
                 split["out" if src in ood else "in"][src] = value
-            _append_line(curve, heldout_record(t.steps, wall, split, result["seconds"]))
+            _append_line(
+                curve,
+                heldout_record(t.steps, wall, split, result["seconds"], result.get("loss_se")),
+            )
     _print_summary(cfg, run, train_records, test_out, result, wall)
     return run
 
