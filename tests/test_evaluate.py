@@ -362,3 +362,19 @@ def test_real_smollm2_two_records_per_task(tmp_path):
     assert len(texts) == 8 and all(t.strip() for t in texts)
     print(ev.format_table(out))
     assert json.loads(ev.write_eval(out, tmp_path / "eval.json").read_text())["summary"]
+
+
+def test_truncation_warning_once_per_process_not_per_evaluation(tokenizer, mixture, monkeypatch):
+    import warnings
+
+    monkeypatch.setattr(ev, "_WARNED", set())
+    model = tiny_lm(tokenizer)
+    full, _ = tokenize_records(mixture.test_in, tokenizer, max_length=1024)
+    # long enough for every prompt and a completion token, shorter than some example
+    cut = max(sum(1 for t in ex["labels"] if t == -100) for ex in full) + 2
+    assert any(len(ex["input_ids"]) > cut for ex in full)
+    with pytest.warns(UserWarning, match="truncated"):
+        ev.heldout_loss(model, tokenizer, mixture.test_in, max_length=cut)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second evaluation of the same records: silent
+        ev.heldout_loss(model, tokenizer, mixture.test_in, max_length=cut)

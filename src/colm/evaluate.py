@@ -24,6 +24,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +149,25 @@ def _source_loss(sums: Sequence[float], counts: Sequence[int]) -> SourceLoss:
     return SourceLoss(r, se, m, tokens)
 
 
+_WARNED: set[str] = set()
+
+
+def _tokenize_once_warned(records, tokenizer, max_length: int) -> list[dict[str, Any]]:
+    """Tokenize held-out records; a truncation warning is shown once per process, not at
+    every evaluation of the same records during training."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        examples, _ = tokenize_records(
+            records, tokenizer, max_length=max_length, overflow="truncate"
+        )
+    for w in caught:
+        text = str(w.message)
+        if text not in _WARNED:
+            _WARNED.add(text)
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return examples
+
+
 def heldout_loss(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -181,7 +201,7 @@ def heldout_losses(
     """As :func:`heldout_loss`, with each source's standard error (:class:`SourceLoss`)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    examples, _ = tokenize_records(records, tokenizer, max_length=max_length, overflow="truncate")
+    examples = _tokenize_once_warned(records, tokenizer, max_length)
     # Similar lengths together: less padding. Right padding cannot change the
     # logits of real tokens in a causal model, so the order does not matter.
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
