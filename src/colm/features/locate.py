@@ -10,8 +10,11 @@ structure rather than from hard-coded layer numbers or a name substring:
    projection (``v_proj``, ...) or the V part of a fused QKV projection
    (GPT-2 ``c_attn``, Phi-3 ``qkv_proj``, GPT-NeoX ``query_key_value``), whose
    V rows are worked out from the attention layout;
-3. with PEFT LoRA on that projection, the block is the active adapter's
-   ``lora_B`` weight (rows restricted to V for fused projections).
+3. with PEFT LoRA on that projection (also DoRA and rsLoRA), the block is the
+   active adapter's ``lora_B`` weight (rows restricted to V for fused
+   projections). Other PEFT adapters on it (IA3, LoHa, LoKr, AdaLoRA, ...) are
+   refused with an error: their trainable parameters are not a linear layer's
+   weight, so the exact per-example gradient identity does not hold for them.
 
 The result is a :class:`ValueBlock`: which parameter, and which of its rows or
 columns, form the block. Call :func:`find_value_block` on your model to see what
@@ -203,8 +206,43 @@ def _is_lora_layer(mod: nn.Module) -> bool:
     return hasattr(mod, "lora_B") and isinstance(mod.lora_B, nn.ModuleDict)
 
 
-def _model_has_lora(model: nn.Module) -> bool:
-    return any(_is_lora_layer(m) for m in model.modules())
+def _is_adapter_layer(mod: nn.Module) -> bool:
+    """A PEFT tuner layer of any kind (LoRA, IA3, LoHa, LoKr, AdaLoRA, VeRA, ...),
+    recognised by class name so that peft stays an optional dependency."""
+    return any(c.__name__ == "BaseTunerLayer" for c in type(mod).__mro__)
+
+
+def _model_has_adapters(model: nn.Module) -> bool:
+    return any(_is_lora_layer(m) or _is_adapter_layer(m) for m in model.modules())
+
+
+# What the block can be, for the errors that refuse anything else.
+_SUPPORTED = (
+    "colm's feature is the gradient of the value projection's LoRA B matrix (PEFT LoRA, "
+    "also with use_dora=True or use_rslora=True) or, without adapters, of the "
+    "projection's weight"
+)
+
+
+def _refuse_other_adapter(proj: nn.Module, full_proj_name: str, short: str) -> None:
+    """Adapters other than LoRA train other parameters (IA3's scaling vector, LoHa's
+    Hadamard factors, ...) whose per-example gradient is not the outer product that
+    :mod:`colm.features.exact` computes, and their wrapped base weight is frozen:
+    refuse them rather than select on the wrong parameter."""
+    generic = ("BaseTunerLayer", "LycorisLayer")
+    kind = next(
+        (
+            c.__name__
+            for c in type(proj).__mro__
+            if c.__name__.endswith("Layer") and c.__name__ not in generic
+        ),
+        type(proj).__name__,
+    )  # IA3Layer, LoHaLayer, ...: the adapter's kind, not its class (Linear)
+    raise BlockNotFoundError(
+        f"{full_proj_name} is adapted by a PEFT {kind} adapter, which colm does not support: "
+        f"{_SUPPORTED}. Use LoraConfig(target_modules=[{short!r}, ...]) instead, or a "
+        "method that needs no gradient features (SelectorConfig(method='random_big'))"
+    )
 
 
 def _refuse_sharded(parameter: torch.Tensor, name: str) -> None:
@@ -231,8 +269,8 @@ def find_value_block(model: nn.Module) -> ValueBlock:
     Works on any Hugging Face decoder-only causal LM (also wrapped in PEFT, DDP
     or accelerate) whose blocks are a ``ModuleList``. With PEFT LoRA, returns the
     active adapter's ``lora_B`` weight of that projection; if LoRA is present but
-    does not adapt that projection, raises :class:`BlockNotFoundError` saying how
-    to add it.
+    does not adapt that projection, or another kind of PEFT adapter does, raises
+    :class:`BlockNotFoundError` saying what to use instead.
 
     >>> block = find_value_block(model)  # doctest: +SKIP
     >>> print(block.describe())          # doctest: +SKIP
@@ -248,6 +286,8 @@ def find_value_block(model: nn.Module) -> ValueBlock:
     full_proj_name = f"{layer_name}.{proj_name}"
     short = proj_name.rpartition(".")[2]
 
+    if _is_adapter_layer(proj) and not _is_lora_layer(proj):
+        _refuse_other_adapter(proj, full_proj_name, short)
     if _is_lora_layer(proj):
         active = [a for a in getattr(proj, "active_adapters", ["default"]) if a in proj.lora_B]
         if not active:
@@ -265,12 +305,12 @@ def find_value_block(model: nn.Module) -> ValueBlock:
         kind, dim = "lora_B", 0  # lora_B is nn.Linear(r, out): rows are output features
         out_features = parameter.shape[0]
     else:
-        if _model_has_lora(model):
+        if _model_has_adapters(model):
             raise BlockNotFoundError(
-                f"LoRA does not adapt the value projection of the last block ({full_proj_name}), "
-                f"whose gradient colm uses as the selection feature. Add {short!r} to "
-                f"LoraConfig(target_modules=[...]) and make sure layers_to_transform "
-                f"includes the last layer ({len(layers) - 1})."
+                "the model's PEFT adapters do not adapt the value projection of the last "
+                f"block ({full_proj_name}), whose gradient colm uses as the selection feature. "
+                f"Add {short!r} to LoraConfig(target_modules=[...]) and make sure "
+                f"layers_to_transform includes the last layer ({len(layers) - 1}); {_SUPPORTED}."
             )
         base = proj.base_layer if hasattr(proj, "base_layer") else proj
         module, module_name = base, full_proj_name
