@@ -72,11 +72,192 @@ def _neox():
     return GPTNeoXForCausalLM(cfg), ["query_key_value"], "query_key_value"
 
 
-TINY_MODELS = {"llama": _llama, "gpt2": _gpt2, "phi3": _phi3, "neox": _neox}
+def _llama3():
+    """Llama 3.x: grouped-query attention and llama3 RoPE frequency scaling."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    )
+    return LlamaForCausalLM(cfg), ["q_proj", "v_proj"], "v_proj"
 
 
-def make_tiny(arch: str, lora: bool = False, seed: int = 0, lora_r: int = 4, targets=None):
-    """A tiny model of ``arch`` in eval mode (dropout off), optionally with LoRA.
+def _mistral():
+    """Mistral 7B (Zephyr): GQA with a sliding window short enough to bite here."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        sliding_window=4,
+    )
+    return MistralForCausalLM(cfg), ["q_proj", "v_proj"], "v_proj"
+
+
+def _phi():
+    """Phi-2: separate q/k/v with biases, partial rotary, attention and MLP in
+    parallel on one LayerNorm, ``final_layernorm``, an LM head with a bias."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    cfg = PhiConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        rope_parameters={"rope_type": "default", "partial_rotary_factor": 0.5},
+    )
+    return PhiForCausalLM(cfg), ["q_proj", "v_proj"], "v_proj"
+
+
+def _qwen2():
+    """Qwen2: biases on q/k/v."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return Qwen2ForCausalLM(cfg), ["q_proj", "v_proj"], "v_proj"
+
+
+def _qwen3():
+    """Qwen3: RMSNorm on queries and keys (per head)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+    )
+    return Qwen3ForCausalLM(cfg), ["q_proj", "v_proj"], "v_proj"
+
+
+def _gemma2():
+    """Gemma 2: sandwich norms, scaled embeddings, attention and final logit
+    soft-capping, alternating sliding/full layers. The final cap is small so
+    that it changes these tiny logits (a replay that skipped it would fail)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    cfg = Gemma2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+        max_position_embeddings=64,
+        sliding_window=4,
+        final_logit_softcapping=0.5,
+        attn_logit_softcapping=5.0,
+    )
+    return Gemma2ForCausalLM(cfg), ["q_proj", "v_proj"], "v_proj"
+
+
+def _gemma3():
+    """Gemma 3, text-only: sandwich norms, q/k norms, scaled embeddings, local and
+    global RoPE; the last block is a sliding-window one, as in the released models."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+        max_position_embeddings=64,
+        sliding_window=4,
+        layer_types=["full_attention", "sliding_attention"],
+        final_logit_softcapping=0.5,
+    )
+    return Gemma3ForCausalLM(cfg), ["q_proj", "v_proj"], "v_proj"
+
+
+def _olmo2():
+    """OLMo 2: norms after attention and MLP (not before), q/k norms."""
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    cfg = Olmo2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=2,
+    )
+    return Olmo2ForCausalLM(cfg), ["q_proj", "v_proj"], "v_proj"
+
+
+# One table of tiny models: name -> () -> (model, LoRA target modules, the value
+# projection's attribute name). Built from configs, nothing is downloaded.
+TINY_MODELS = {
+    "llama": _llama,
+    "llama3": _llama3,
+    "mistral": _mistral,
+    "phi": _phi,
+    "phi3": _phi3,
+    "qwen2": _qwen2,
+    "qwen3": _qwen3,
+    "gemma2": _gemma2,
+    "gemma3": _gemma3,
+    "olmo2": _olmo2,
+    "gpt2": _gpt2,
+    "neox": _neox,
+}
+# The four block layouts colm locates (separate v_proj, GPT-2's Conv1D c_attn,
+# Phi-3's [q|k|v] rows, GPT-NeoX's per-head rows): the ``arch`` fixture of the
+# feature tests. tests/features/test_architectures.py covers the whole table.
+CORE_ARCHS = ("gpt2", "llama", "neox", "phi3")
+
+
+def make_tiny(
+    arch: str,
+    lora: bool = False,
+    seed: int = 0,
+    lora_r: int = 4,
+    targets=None,
+    lora_options: dict | None = None,
+):
+    """A tiny model of ``arch`` in eval mode (dropout off), optionally with LoRA
+    (``lora_options`` go to ``LoraConfig``, e.g. ``{"use_dora": True}``).
 
     LoRA B is randomised (PEFT initialises it to zero, which would make every
     LoRA-B gradient feature trivially related to the base model)."""
@@ -92,6 +273,7 @@ def make_tiny(arch: str, lora: bool = False, seed: int = 0, lora_r: int = 4, tar
             lora_dropout=0.1,
             target_modules=targets or lora_targets,
             fan_in_fan_out=(arch == "gpt2"),
+            **(lora_options or {}),
         )
         model = get_peft_model(model, cfg)
         g = torch.Generator().manual_seed(seed + 1)
@@ -176,7 +358,7 @@ def collate_rows(rows: list[dict]) -> dict:
     return out
 
 
-@pytest.fixture(params=sorted(TINY_MODELS))
+@pytest.fixture(params=CORE_ARCHS)
 def arch(request):
     return request.param
 
