@@ -23,6 +23,8 @@ the selector will use.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +71,8 @@ class ValueBlock:
     kind: str  # "lora_B" or "weight"
     layers_parent: nn.Module  # the module holding the ModuleList of blocks
     layers_attr: str  # the ModuleList's attribute name in ``layers_parent``
+    lora_layer: nn.Module | None = None  # the PEFT LoRA layer wrapping the projection
+    adapter: str | None = None  # its active adapter whose lora_B is the block
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -92,6 +96,43 @@ class ValueBlock:
         to the block. Out of place: the parameter itself is never modified."""
         p = self.parameter
         return p.index_add(self.dim, self.index.to(p.device), delta.to(p.dtype).reshape(self.shape))
+
+    @contextmanager
+    def frozen_dora_norm(self) -> Iterator[None]:
+        """Hold DoRA's weight norm at the unperturbed parameters' value.
+
+        DoRA divides each output row by the norm of W + s B A, and PEFT detaches
+        that norm from the gradient (DoRA paper, section 4.3): training moves B
+        as if the norm were constant. A replay that perturbs B would also move
+        the norm, and zo features would estimate another derivative than the
+        gradient training follows (correlation 0.7 to 0.93 with the exact g.z on
+        tiny models). Within this context PEFT's DoRA layer reads the LoRA weight
+        B A of the real parameters, computed before any functional override. A
+        no-op without DoRA.
+        """
+        dora = self._dora_layer()
+        if dora is None:
+            yield
+            return
+        with torch.no_grad():
+            lora_weight = dora.get_lora_weight(
+                lora_A=self.lora_layer.lora_A[self.adapter], lora_B=self.module
+            )
+        dora.get_lora_weight = lambda *args, **kwargs: lora_weight
+        try:
+            yield
+        finally:
+            del dora.get_lora_weight  # the class's method again
+
+    def _dora_layer(self) -> nn.Module | None:
+        """PEFT's DoRA magnitude layer of the block's adapter, or None."""
+        if self.lora_layer is None or not getattr(self.lora_layer, "use_dora", {}).get(
+            self.adapter, False
+        ):
+            return None
+        magnitudes = getattr(self.lora_layer, "lora_magnitude_vector", {})
+        dora = dict(magnitudes.items()).get(self.adapter)  # an nn.ModuleDict has no get
+        return dora if hasattr(dora, "get_lora_weight") else None
 
     def describe(self) -> str:
         return (
@@ -298,6 +339,7 @@ def find_value_block(model: nn.Module) -> ValueBlock:
                 "(model.unmerge_adapter()) before training with colm"
             )
         adapter = active[0]
+        lora_layer = proj
         module = proj.lora_B[adapter]
         module_name = f"{full_proj_name}.lora_B.{adapter}"
         param_name = f"{proj_name}.lora_B.{adapter}.weight"
@@ -305,6 +347,7 @@ def find_value_block(model: nn.Module) -> ValueBlock:
         kind, dim = "lora_B", 0  # lora_B is nn.Linear(r, out): rows are output features
         out_features = parameter.shape[0]
     else:
+        lora_layer, adapter = None, None
         if _model_has_adapters(model):
             raise BlockNotFoundError(
                 "the model's PEFT adapters do not adapt the value projection of the last "
@@ -342,4 +385,6 @@ def find_value_block(model: nn.Module) -> ValueBlock:
         kind=kind,
         layers_parent=layers_parent,
         layers_attr=layers_attr,
+        lora_layer=lora_layer,
+        adapter=adapter,
     )

@@ -112,10 +112,13 @@ class LastBlockReplay:
     # -- replay --------------------------------------------------------------
     def hidden(self, captured: Captured, overrides: dict[str, torch.Tensor] | None = None):
         """Output hidden states of the last block, with ``overrides`` (parameter
-        name relative to the block -> tensor) substituted functionally."""
-        out = functional_call(
-            self.block.layer, overrides or {}, captured.args, captured.kwargs, strict=False
-        )
+        name relative to the block -> tensor) substituted functionally. DoRA's
+        weight norm stays at the real parameters' value, as in training's
+        gradient (see :meth:`ValueBlock.frozen_dora_norm`)."""
+        with self.block.frozen_dora_norm():
+            out = functional_call(
+                self.block.layer, overrides or {}, captured.args, captured.kwargs, strict=False
+            )
         return out[0] if isinstance(out, (tuple, list)) else out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
