@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+from colm import CoresetSelector, SelectorConfig
 from colm.features import (
     BlockNotFoundError,
     GradientFeatures,
@@ -134,6 +135,19 @@ def test_exact_equals_per_example_autograd(arch: str, lora: bool) -> None:
 @pytest.mark.parametrize("arch, lora", CASES)
 def test_zo_agrees_with_exact_directional_derivatives(arch: str, lora: bool) -> None:
     _assert_zo_agrees_with_exact(_model(arch, lora))
+
+
+@pytest.mark.parametrize("arch", list(TINY_MODELS))
+def test_one_selection_step_with_lora(arch: str) -> None:
+    """The selector end to end (with its first-step replay check) on each
+    architecture: a coreset of the requested size, parameters untouched."""
+    model = _model(arch, True)
+    before = [p.detach().clone() for p in model.parameters()]
+    batch = make_batch(n=8, max_len=12, seed=6, sources=["a", "b"] * 4)
+    selector = CoresetSelector(SelectorConfig(ratio=0.5, small_sources=[]), {"a": 100, "b": 100})
+    selection = selector.select(model, batch)
+    assert len(selection.indices) == 4
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
 # -- PEFT variants ----------------------------------------------------------
