@@ -41,8 +41,8 @@ CASES = [
 def _model(arch: str, lora: bool) -> nn.Module:
     """One model per case, shared by the checks below: none of them changes it
     (features are computed functionally, the autograd twin restores
-    ``requires_grad``), and building twelve architectures twice over is most of
-    this file's run time otherwise."""
+    ``requires_grad``, selection restores the training mode), so each model is
+    built once instead of once per check."""
     return make_tiny(arch, lora=lora)
 
 
