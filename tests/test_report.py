@@ -308,3 +308,4 @@ def test_heldout_curves_and_before_after_with_intervals(runs, tmp_path):
     assert loss["chain_sum"]["n"] == "50"
     assert loss["chain_sum"]["colm"] == f"{ev['loss']['chain_sum']:.4f} ± {1.96 * 0.01:.4f}"
     assert loss["chain_sum"]["random-baseline"] == "1.6000"  # its eval.json has no errors
+    assert loss["products (out)"]["untrained"] == f"3.0000 ± {1.96 * 0.1:.4f}"

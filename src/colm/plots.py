@@ -17,6 +17,7 @@ from .runs import (
     _tasks,
     heldout_after,
     heldout_before,
+    out_of_domain,
 )
 
 
@@ -237,8 +238,14 @@ def plot_before_after(runs: Sequence[RunData], path: Path) -> bool:
             capsize=2,
             error_kw={"linewidth": 0.8},
         )
+    ood = out_of_domain(runs)
     ax.set_xticks(range(len(sources)))
-    ax.set_xticklabels(sources, rotation=35, ha="right", fontsize="small")
+    ax.set_xticklabels(
+        [f"{s} (out)" if s in ood else s for s in sources],
+        rotation=35,
+        ha="right",
+        fontsize="small",
+    )
     ax.set_ylabel("held-out loss (95% interval)")
     ax.set_title("Held-out loss per source, before and after training")
     ax.grid(axis="y", alpha=0.3)

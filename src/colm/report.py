@@ -26,6 +26,7 @@ from .runs import (
     final_loss,
     heldout_after,
     heldout_before,
+    out_of_domain,
     read_run,
 )
 
@@ -154,8 +155,9 @@ def _loss_table(runs: Sequence[RunData]) -> list[str]:
         n_of.update((r.eval or {}).get("loss_examples") or {})
     header = ["source", "n"] + (["untrained"] if before else []) + [r.name for r in runs]
     rows = []
+    ood = out_of_domain(runs)
     for s in sources:
-        row = [s, str(n_of.get(s, "-"))]
+        row = [f"{s} (out)" if s in ood else s, str(n_of.get(s, "-"))]
         if before:
             row.append(_interval(before.get(s)))
         rows.append(row + [_interval(a.get(s)) for a in afters])
@@ -241,7 +243,7 @@ def make_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLik
         lines += [
             "Per source (± half-width of the 95% interval over the source's n held-out "
             "examples; models evaluated on the same examples differ by less noise than the "
-            "intervals suggest):",
+            "intervals suggest; (out): a source not trained on):",
             "",
             *_loss_table(runs),
             "",

@@ -23,7 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunData", "final_loss", "heldout_after", "heldout_before", "read_run"]
+__all__ = [
+    "RunData",
+    "final_loss",
+    "heldout_after",
+    "heldout_before",
+    "out_of_domain",
+    "read_run",
+]
 
 _STATS = ("in_batch", "selected", "kept")
 FINAL_FRACTION = 0.1
@@ -218,6 +225,11 @@ def heldout_after(run: RunData) -> dict[str, Interval] | None:
     if run.heldout and int(run.heldout[-1]["step"]) > 0:
         return _with_se(run.heldout[-1]["loss"], run.heldout[-1].get("se"))
     return None
+
+
+def out_of_domain(runs: Sequence[RunData]) -> set[str]:
+    """Held-out sources that no run trained on (heldout.jsonl's ``sources_out``)."""
+    return {s for r in runs for p in r.heldout for s in p.get("sources_out") or ()}
 
 
 def _with_se(loss: dict[str, Any], se: dict[str, Any] | None) -> dict[str, Interval]:
