@@ -17,6 +17,7 @@ from colm.data.mixture import (
     build_default_mixture,
     format_completion,
 )
+from colm.data.pseudo_sources import PseudoSources, pseudo_sources
 
 __all__ = [
     "ANSWER_PREFIX",
@@ -24,6 +25,7 @@ __all__ = [
     "DataError",
     "Mixture",
     "MixtureSpec",
+    "PseudoSources",
     "SourceSpec",
     "TokenizationReport",
     "build_default_mixture",
@@ -31,6 +33,7 @@ __all__ = [
     "format_completion",
     "gold_entry",
     "load_records",
+    "pseudo_sources",
     "score",
     "score_answer",
     "source_counts",

@@ -1,0 +1,142 @@
+"""Pseudo-sources: k-means on last-block hidden states for data without source labels."""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score
+
+from colm.data import DataError, pseudo_sources
+from colm.data.pseudo_sources import _normalise, cluster_embeddings, embed_examples
+from colm.features.locate import find_layers
+from tests.conftest import make_rows, make_tiny
+
+
+def _blobs(sizes=(30, 20, 12), dim=16, spread=0.05, seed=0) -> tuple[np.ndarray, list[int]]:
+    """Well-separated Gaussian groups with their true labels."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(len(sizes), dim)) * 3
+    x = np.concatenate([c + spread * rng.normal(size=(n, dim)) for c, n in zip(centres, sizes)])
+    truth = [g for g, n in enumerate(sizes) for _ in range(n)]
+    return x, truth
+
+
+def test_kmeans_matches_sklearn_on_fixed_data():
+    x, _ = _blobs(spread=1.5, seed=3)  # overlapping groups: the partition is not trivial
+    ours = cluster_embeddings(x, k=3, seed=7)
+    ref = KMeans(n_clusters=3, n_init=10, random_state=7).fit_predict(_normalise(x))
+    assert adjusted_rand_score(ours.labels, ref) == 1.0  # same partition up to renaming
+    assert ours.k == 3 and sum(ours.sizes.values()) == len(x)
+    assert list(ours.sizes.values()) == sorted(ours.sizes.values(), reverse=True)
+
+
+def test_deterministic_for_a_seed():
+    x, _ = _blobs(spread=2.0, seed=1)
+    a = cluster_embeddings(x, k=None, seed=5)
+    b = cluster_embeddings(x, k=None, seed=5)
+    assert a.as_dict() == b.as_dict()
+
+
+def test_automatic_k_recovers_separated_groups():
+    x, truth = _blobs(sizes=(25, 18, 10, 7))
+    res = cluster_embeddings(x, k=None, seed=0)
+    assert res.k == 4
+    assert adjusted_rand_score(truth, res.labels) == 1.0
+    assert set(res.silhouettes) == set(range(2, 11))
+    assert max(res.silhouettes, key=res.silhouettes.get) == 4
+    # the typical example of each cluster belongs to it
+    for name, i in res.typical.items():
+        assert res.labels[i] == name
+
+
+def test_embeddings_are_the_last_block_input_mean():
+    model = make_tiny("llama")
+    rows = make_rows(n=7, max_len=12, seed=2)
+    emb = embed_examples(model, rows, batch_size=3, progress=False)
+    _, layers = find_layers(model)
+    seen = []
+    hook = layers[-1].register_forward_pre_hook(
+        lambda m, a, kw: seen.append(a[0] if a else kw["hidden_states"]), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            for i, r in enumerate(rows):  # one unpadded example at a time
+                model(input_ids=torch.tensor([r["input_ids"]]))
+                ref = seen[-1][0].double().mean(0).numpy()
+                np.testing.assert_allclose(emb[i], ref, rtol=1e-4, atol=1e-5)
+    finally:
+        hook.remove()
+
+
+def test_pseudo_sources_on_a_model_with_lora():
+    model = make_tiny("llama", lora=True)
+    rows = make_rows(n=12, max_len=10, seed=4)
+    res = pseudo_sources(model, rows, k=3, seed=0, batch_size=5, progress=False)
+    assert res.k == 3 and len(res.labels) == 12
+    assert set(res.labels) == {"cluster_0", "cluster_1", "cluster_2"}
+    again = pseudo_sources(model, rows, k=3, seed=0, batch_size=2, progress=False)
+    assert again.labels == res.labels  # batching does not change the result
+
+
+# -- bad input ---------------------------------------------------------------------------
+
+
+def test_k_larger_than_the_data():
+    model = make_tiny("llama")
+    rows = make_rows(n=4, seed=0)
+    with pytest.raises(DataError, match=r"data\.num_sources.*larger than the data \(4 examples"):
+        pseudo_sources(model, rows, k=5, progress=False)
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.5, True, "3"])
+def test_k_invalid(k):
+    x, _ = _blobs()
+    with pytest.raises(ValueError, match=r"data\.num_sources"):
+        cluster_embeddings(x, k=k)
+
+
+def test_fewer_distinct_examples_than_clusters():
+    x = np.repeat(np.eye(3), 4, axis=0)  # 12 examples, 3 distinct
+    with pytest.raises(DataError, match=r"only 3 of the 12 examples are distinct"):
+        cluster_embeddings(x, k=4)
+    assert cluster_embeddings(x, k=None).k == 3  # each group of duplicates: silhouette 1
+
+
+def test_duplicate_only_data_gives_one_cluster_with_a_note():
+    model = make_tiny("llama")
+    row = make_rows(n=1, seed=0)[0]
+    with pytest.warns(UserWarning, match="duplicates only"):
+        res = pseudo_sources(model, [dict(row) for _ in range(6)], progress=False)
+    assert res.k == 1 and set(res.labels) == {"cluster_0"} and "duplicates" in res.note
+    with pytest.raises(DataError, match=r"data\.num_sources.*only 1 of the 6"):
+        pseudo_sources(model, [dict(row) for _ in range(6)], k=2, progress=False)
+
+
+def test_empty_examples_are_refused():
+    model = make_tiny("llama")
+    rows = make_rows(n=3, seed=0)
+    with pytest.raises(DataError, match="no examples"):
+        pseudo_sources(model, [], progress=False)
+    empty = {"input_ids": [], "attention_mask": [], "labels": []}
+    with pytest.raises(DataError, match="example 1 has no tokens"):
+        pseudo_sources(model, [rows[0], empty, rows[2]], progress=False)
+    masked = dict(rows[0], attention_mask=[0] * len(rows[0]["input_ids"]))
+    with pytest.raises(DataError, match="example 0 has no tokens"):
+        pseudo_sources(model, [masked, rows[1]], progress=False)
+    with pytest.raises(DataError, match="no 'input_ids'"):
+        pseudo_sources(model, [{"prompt": "x"}], progress=False)
+
+
+def test_too_few_examples_for_automatic_k():
+    with pytest.raises(DataError, match=r"at least 3 examples.*data\.num_sources"):
+        cluster_embeddings(np.eye(2), k=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cluster_embeddings(np.eye(2), k=2).k == 2
