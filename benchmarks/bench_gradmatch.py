@@ -155,24 +155,10 @@ def _offline_tokenizer():
 
 
 def _tiny_llama(tokenizer, max_length: int, seed: int):
-    """A tiny random Llama with the tokenizer's vocabulary (as tests/conftest.py builds)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A tiny random Llama with the tokenizer's vocabulary (:mod:`colm.testing`)."""
+    from colm.testing import tiny_llama
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max(1024, max_length),
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return LlamaForCausalLM(cfg)
+    return tiny_llama(tokenizer, seed=seed, max_positions=max(1024, max_length))
 
 
 def setup(args):

@@ -136,36 +136,11 @@ def machine_info(device: str, threads: int) -> dict:
 
 
 def make_tiny_model_dir(path: str | os.PathLike, tokenizer_from: str | None = None) -> Path:
-    """A tiny Llama (2 layers, hidden 32) with SmolLM2's tokenizer, saved in ``path``:
-    for ``--quick`` runs that check the mechanics in seconds (numbers are meaningless)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """A tiny Llama with SmolLM2's tokenizer, saved in ``path``: for ``--quick`` runs that
+    check the mechanics in seconds (numbers are meaningless)."""
+    from colm.testing import tiny_model_dir
 
-    from colm.models import default_model_dir
-
-    path = Path(path)
-    if (path / "config.json").exists() and (path / "tokenizer_config.json").exists():
-        return path
-    tok = AutoTokenizer.from_pretrained(tokenizer_from or str(default_model_dir()))
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    path.mkdir(parents=True, exist_ok=True)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return tiny_model_dir(path, tokenizer_from)
 
 
 # --------------------------------------------------------------------------- data

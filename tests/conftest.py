@@ -287,23 +287,9 @@ def make_tiny(
 
 def tiny_lm_for(tokenizer, seed: int = 0):
     """A tiny Llama (eval mode) whose vocabulary matches ``tokenizer``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from colm.testing import tiny_llama
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(tokenizer, seed=seed).eval()
 
 
 def make_batch(n=6, max_len=12, seed=0, padding_side="right", sources=None, min_len=4):
