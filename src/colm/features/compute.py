@@ -88,20 +88,21 @@ class GradientFeatures:
         # chunks of rows of similar length, so that little of each chunk is padding
         order = _by_length(attention_mask, labels)
         parts = []
-        for sl in _chunks(input_ids.shape[0], self.chunk_size):
-            rows = order[sl]
-            ids, am, lab = _trim(
-                input_ids[rows].to(device),
-                attention_mask[rows].to(device) if attention_mask is not None else None,
-                labels[rows].to(device),
-            )
-            captured = self.replay.capture(ids, am)
-            if kind == "zo":
-                coef = zo_coefficients(self.replay, captured, lab, directions, eps)
-                parts.append(lift(coef, directions) if lifted else coef)
-            else:
-                parts.append(exact_gradients(self.replay, captured, lab)[0])
-            del captured
+        with self.replay.upcast():  # fp32 copies of a half-precision block, for all chunks
+            for sl in _chunks(input_ids.shape[0], self.chunk_size):
+                rows = order[sl]
+                ids, am, lab = _trim(
+                    input_ids[rows].to(device),
+                    attention_mask[rows].to(device) if attention_mask is not None else None,
+                    labels[rows].to(device),
+                )
+                captured = self.replay.capture(ids, am)
+                if kind == "zo":
+                    coef = zo_coefficients(self.replay, captured, lab, directions, eps)
+                    parts.append(lift(coef, directions) if lifted else coef)
+                else:
+                    parts.append(exact_gradients(self.replay, captured, lab)[0])
+                del captured
         if parts:
             out = torch.empty_like(torch.cat(parts))
             out[order.to(out.device)] = torch.cat(parts)

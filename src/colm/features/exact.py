@@ -25,7 +25,7 @@ def exact_gradients(
     def hook(_module, inputs, output):
         seen["x"], seen["y"] = inputs[0], output
 
-    leaf = block.parameter.detach().requires_grad_(True)
+    leaf = replay.parameter().detach().requires_grad_(True)  # fp32 for a half-precision model
     handle = block.module.register_forward_hook(hook)
     try:
         with torch.enable_grad():

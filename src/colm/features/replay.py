@@ -11,11 +11,27 @@ varied parameter passed functionally (``torch.func.functional_call``).
 Per-example loss is the mean cross-entropy over that example's label tokens
 (labels != -100, shifted as in causal LM training), never over the padded
 width, and logits are only computed at those positions.
+
+Precision. Zeroth-order features are central differences with eps ~ 1e-3:
+the loss change they measure is far below bf16's resolution (8 bits of
+mantissa), and in a bf16 replay they are noise (correlation -0.07 with the
+exact directional derivative on SmolLM2-135M + LoRA). So when the last block,
+final norm or head hold half-precision (bf16 / fp16) weights, the replay runs
+in fp32, whatever the model's dtype and whatever autocast is active: the
+captured inputs (hidden states, rotary cos/sin, float attention masks) are
+upcast, the block and final norm run on fp32 copies of their parameters and
+buffers, and the head is applied in fp32 one slab of vocabulary rows at a time.
+Cost during selection: one fp32 copy of the last block and final norm (for
+Llama-3-8B about 0.9 GB, 1/32 of the model at twice its bf16 size) plus a
+64 MiB slab of the head, freed when the features are computed. fp32 models
+are replayed as before, with no copies.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,6 +42,10 @@ from torch.func import functional_call
 from .locate import ValueBlock, _unwrap
 
 IGNORE_INDEX = -100
+# the dtype the replay computes in when the model's weights are half precision
+COMPUTE_DTYPE = torch.float32
+# bytes of the LM head upcast at a time (a slab of vocabulary rows)
+HEAD_SLAB_BYTES = 64 * 2**20
 
 
 class _StopForward(Exception):
@@ -34,10 +54,78 @@ class _StopForward(Exception):
 
 @dataclass
 class Captured:
-    """Inputs of the last block for one chunk of examples."""
+    """Inputs of the last block for one chunk of examples, as the trunk produced
+    them, and the autocast the trunk ran under (device type, dtype), if any."""
 
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    autocast: tuple[str, torch.dtype] | None = None
+    _cast: dict[torch.dtype, tuple[tuple[Any, ...], dict[str, Any]]] = field(
+        default_factory=dict, repr=False
+    )
+
+    def inputs(self, dtype: torch.dtype | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """(args, kwargs) with floating tensors in ``dtype`` (None: as captured);
+        cast once per dtype and kept, since every replay of the chunk reuses them."""
+        if dtype is None:
+            return self.args, self.kwargs
+        if dtype not in self._cast:
+            self._cast[dtype] = (_cast_floats(self.args, dtype), _cast_floats(self.kwargs, dtype))
+        return self._cast[dtype]
+
+
+def _cast_floats(value: Any, dtype: torch.dtype) -> Any:
+    """``value`` with every floating tensor in it (also inside tuples, lists and
+    dicts: rotary (cos, sin), masks per layer type) cast to ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, tuple):
+        return tuple(_cast_floats(v, dtype) for v in value)
+    if isinstance(value, list):
+        return [_cast_floats(v, dtype) for v in value]
+    if isinstance(value, dict):
+        return {k: _cast_floats(v, dtype) for k, v in value.items()}
+    return value
+
+
+def _is_half(t: torch.Tensor) -> bool:
+    return t.is_floating_point() and t.element_size() < 4
+
+
+def _float_state(module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Copies in ``dtype`` of ``module``'s floating parameters and buffers, by name
+    relative to ``module`` (for ``functional_call``); detached, so selection never
+    builds a graph into the real weights."""
+    state = dict(module.named_parameters(remove_duplicate=False))
+    state.update(module.named_buffers(remove_duplicate=False))
+    return {k: v.detach().to(dtype) for k, v in state.items() if v.is_floating_point()}
+
+
+class _SlabLinear(torch.autograd.Function):
+    """``x @ weight.T`` in ``x``'s dtype for a half-precision ``weight`` (the LM head),
+    upcasting ``rows`` vocabulary rows at a time in forward and backward, so that
+    no full fp32 copy of the head exists. No gradient for the weight: selection
+    differentiates only the value block."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, rows: int) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        ctx.rows = rows
+        out = x.new_empty(*x.shape[:-1], weight.shape[0])
+        for start in range(0, weight.shape[0], rows):
+            out[..., start : start + rows] = x @ weight[start : start + rows].to(x.dtype).T
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        gx = None
+        for start in range(0, weight.shape[0], ctx.rows):
+            part = grad[..., start : start + ctx.rows] @ weight[start : start + ctx.rows].to(
+                grad.dtype
+            )
+            gx = part if gx is None else gx + part
+        return gx, None, None
 
 
 class ReplayMismatchError(RuntimeError):
@@ -79,6 +167,72 @@ class LastBlockReplay:
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
         self.logit_scale = getattr(cfg, "logit_scale", None)  # Cohere multiplies
         self.logits_scaling = getattr(cfg, "logits_scaling", None)  # Granite divides
+        # fp32 replay for half-precision weights (see the module docstring); None: as is
+        tensors = [*block.layer.parameters(), *block.layer.buffers(), *self.head.parameters()]
+        if self.norm is not None:
+            tensors += [*self.norm.parameters(), *self.norm.buffers()]
+        self.dtype: torch.dtype | None = COMPUTE_DTYPE if any(map(_is_half, tensors)) else None
+        self._state: dict[str, dict[str, torch.Tensor]] | None = None
+
+    # -- precision -----------------------------------------------------------
+    @contextmanager
+    def upcast(self) -> Iterator[None]:
+        """Keep the fp32 copies of the last block and final norm for the replays
+        inside (one selection step's chunks), instead of making them per replay.
+        A no-op for models whose weights are fp32 already."""
+        if self.dtype is None or self._state is not None:
+            yield
+            return
+        self._state = self._make_state()
+        try:
+            yield
+        finally:
+            self._state = None
+
+    def _fp32_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The fp32 copies: those of :meth:`upcast`, or made for this replay only."""
+        return self._state if self._state is not None else self._make_state()
+
+    def _make_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        state = {"layer": _float_state(self.block.layer, self.dtype)}
+        if self.norm is not None:
+            state["norm"] = _float_state(self.norm, self.dtype)
+        if not self._slab_head():
+            state["head"] = _float_state(self.head, self.dtype)
+        return state
+
+    def _slab_head(self) -> bool:
+        """A plain ``nn.Linear`` head is upcast slab by slab; any other head
+        (an adapter on it, say) runs on a full fp32 copy."""
+        return type(self.head) is nn.Linear
+
+    def parameter(self) -> torch.Tensor:
+        """The block's parameter as the replay computes with it (fp32 for a
+        half-precision model; the parameter itself otherwise)."""
+        p = self.block.parameter
+        return p if self.dtype is None else p.detach().to(self.dtype)
+
+    def perturbed(self, delta: torch.Tensor) -> torch.Tensor:
+        """:meth:`ValueBlock.perturbed` in the replay's dtype: ``delta`` is added in
+        fp32 to a half-precision model's block, where bf16 would round it away."""
+        p = self.parameter()
+        b = self.block
+        return p.index_add(b.dim, b.index.to(p.device), delta.to(p.dtype).reshape(b.shape))
+
+    @contextmanager
+    def _numerics(self, captured: Captured, as_model: bool) -> Iterator[None]:
+        """The precision to replay in: the model's own (``as_model``: its dtype and
+        the autocast the trunk ran under, to compare with the model's forward), or
+        the selection's (fp32 for half-precision weights, never autocast)."""
+        device = self.block.parameter.device.type
+        if as_model and captured.autocast is not None:
+            with torch.autocast(captured.autocast[0], dtype=captured.autocast[1]):
+                yield
+        elif as_model:
+            yield
+        else:
+            with torch.autocast(device, enabled=False):
+                yield
 
     # -- trunk ---------------------------------------------------------------
     @torch.no_grad()
@@ -88,6 +242,9 @@ class LastBlockReplay:
 
         def hook(_module, args, kwargs):
             store["args"], store["kwargs"] = args, dict(kwargs)
+            device = args[0].device.type if args else self.block.parameter.device.type
+            if torch.is_autocast_enabled(device):
+                store["autocast"] = (device, torch.get_autocast_dtype(device))
             raise _StopForward
 
         handle = self.block.layer.register_forward_pre_hook(hook, with_kwargs=True)
@@ -107,25 +264,48 @@ class LastBlockReplay:
             if key in kwargs:
                 kwargs[key] = None
         args = tuple(None if type(a).__name__.endswith("Cache") else a for a in store["args"])
-        return Captured(args=args, kwargs=kwargs)
+        return Captured(args=args, kwargs=kwargs, autocast=store.get("autocast"))
 
     # -- replay --------------------------------------------------------------
-    def hidden(self, captured: Captured, overrides: dict[str, torch.Tensor] | None = None):
+    def hidden(
+        self,
+        captured: Captured,
+        overrides: dict[str, torch.Tensor] | None = None,
+        as_model: bool = False,
+    ) -> torch.Tensor:
         """Output hidden states of the last block, with ``overrides`` (parameter
         name relative to the block -> tensor) substituted functionally. DoRA's
         weight norm stays at the real parameters' value, as in training's
-        gradient (see :meth:`ValueBlock.frozen_dora_norm`)."""
-        with self.block.frozen_dora_norm():
-            out = functional_call(
-                self.block.layer, overrides or {}, captured.args, captured.kwargs, strict=False
-            )
+        gradient (see :meth:`ValueBlock.frozen_dora_norm`). In fp32 for a
+        half-precision model unless ``as_model``."""
+        dtype = None if as_model else self.dtype
+        args, kwargs = captured.inputs(dtype)
+        weights = dict(overrides or {})
+        if dtype is not None:
+            weights = {**self._fp32_state()["layer"], **weights}
+        with self._numerics(captured, as_model), self.block.frozen_dora_norm():
+            out = functional_call(self.block.layer, weights, args, kwargs, strict=False)
         return out[0] if isinstance(out, (tuple, list)) else out
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, as_model: bool = False) -> torch.Tensor:
         """Final norm + LM head (+ the model's logit scaling), in float32."""
-        if self.norm is not None:
-            hidden = self.norm(hidden)
-        logits = self.head(hidden).float()
+        if as_model or self.dtype is None:
+            if self.norm is not None:
+                hidden = self.norm(hidden)
+            logits = self.head(hidden).float()
+        else:
+            state = self._fp32_state()
+            hidden = hidden.to(self.dtype)
+            if self.norm is not None:
+                hidden = functional_call(self.norm, state["norm"], (hidden,))
+            if self._slab_head():
+                w = self.head.weight
+                rows = max(1, HEAD_SLAB_BYTES // (w.shape[1] * hidden.element_size()))
+                logits = _SlabLinear.apply(hidden, w, rows)
+                if self.head.bias is not None:
+                    logits = logits + self.head.bias.to(self.dtype)
+            else:
+                logits = functional_call(self.head, state["head"], (hidden,))
         if self.logit_scale is not None:
             logits = logits * self.logit_scale
         if self.logits_scaling is not None:
@@ -139,12 +319,18 @@ class LastBlockReplay:
         captured: Captured,
         labels: torch.Tensor,
         overrides: dict[str, torch.Tensor] | None = None,
+        as_model: bool = False,
     ) -> torch.Tensor:
-        """Per-example mean label-token loss [B] after the last block."""
-        return per_example_loss(self.hidden(captured, overrides), labels, self.logits)
+        """Per-example mean label-token loss [B] after the last block: in the
+        selection's precision, or, ``as_model``, as the model's forward computes it."""
+        with self._numerics(captured, as_model):
+            hidden = self.hidden(captured, overrides, as_model)
+            return per_example_loss(hidden, labels, lambda h: self.logits(h, as_model))
 
 
-def per_example_loss(hidden: torch.Tensor, labels: torch.Tensor, logits_fn) -> torch.Tensor:
+def per_example_loss(
+    hidden: torch.Tensor, labels: torch.Tensor, logits_fn: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
     """Mean cross-entropy over each example's label tokens.
 
     ``hidden`` [B, T, H] are the states that predict the next token; logits are
@@ -190,10 +376,12 @@ def check_replay(
     """Compare replayed per-example losses with the full model's; raise on mismatch.
 
     Returns the largest absolute difference. Guards against architectures whose
-    last block or head does something the replay does not reproduce.
+    last block or head does something the replay does not reproduce. The replay
+    runs as the model does here (its dtype, its autocast), so that the check
+    compares structure, not precision.
     """
     ref = full_model_losses(replay.model, input_ids, attention_mask, labels)
-    got = replay.losses(replay.capture(input_ids, attention_mask), labels)
+    got = replay.losses(replay.capture(input_ids, attention_mask), labels, as_model=True)
     diff = (ref - got).abs()
     if not torch.all(diff <= atol + rtol * ref.abs()):
         raise ReplayMismatchError(

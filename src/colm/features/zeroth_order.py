@@ -8,7 +8,9 @@ step and drawn fresh every step by the caller's ``torch.Generator``:
 
 Only the last block + head are replayed per direction. The parameter is
 perturbed functionally (a new tensor), never by in-place add/subtract, so no
-drift accumulates in low precision.
+drift accumulates in low precision; for a half-precision model the perturbed
+block and the replay are fp32 (:mod:`colm.features.replay`), since eps z is
+below bf16's resolution of the weights.
 """
 
 from __future__ import annotations
@@ -35,12 +37,12 @@ def zo_coefficients(
     eps: float,
 ) -> torch.Tensor:
     """Directional derivatives c [B, q] of each example's loss along each direction."""
-    block = replay.block
+    name = replay.block.param_name
     coefs = []
     for z in directions:
-        delta = (eps * z).to(block.parameter.device)
-        plus = replay.losses(captured, labels, {block.param_name: block.perturbed(delta)})
-        minus = replay.losses(captured, labels, {block.param_name: block.perturbed(-delta)})
+        delta = (eps * z.float()).to(replay.block.parameter.device)
+        plus = replay.losses(captured, labels, {name: replay.perturbed(delta)})
+        minus = replay.losses(captured, labels, {name: replay.perturbed(-delta)})
         coefs.append((plus - minus) / (2 * eps))
     return torch.stack(coefs, dim=1)
 
