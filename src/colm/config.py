@@ -73,6 +73,11 @@ class DataSettings:
     test_path: str | None = None  # held-out user data (loss per source)
     max_length: int = 256
     overflow: str = "truncate"  # or "drop"
+    # "column": each example's source is in source_column; "auto": pseudo-sources, k-means
+    # clusters of the model's hidden states (docs/pseudo_sources.md). Data without the
+    # default source column falls back to "auto" with a notice.
+    sources: str = "column"
+    num_sources: int | None = None  # clusters with sources="auto"; None: chosen by silhouette
 
 
 @dataclass
@@ -192,6 +197,20 @@ class RunConfig:
             bad("data.path", d.path, "an existing JSONL / CSV / Parquet file")
         if not isinstance(d.source_column, str) or not d.source_column:
             bad("data.source_column", d.source_column, "the name of the column holding the source")
+        if d.sources not in ("column", "auto"):
+            bad(
+                "data.sources",
+                d.sources,
+                "'column' (labels in data.source_column) or 'auto' (pseudo-sources: clusters "
+                "of the model's hidden states)",
+            )
+        if d.num_sources is not None and (not _is_int(d.num_sources) or d.num_sources < 1):
+            bad(
+                "data.num_sources",
+                d.num_sources,
+                "an integer >= 1 (clusters used as sources with data.sources=auto) or null "
+                "(chosen automatically)",
+            )
         self._validate_lora()
 
         sel = self.selector_config()

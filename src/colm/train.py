@@ -57,27 +57,36 @@ def load_data(cfg: RunConfig) -> tuple[list[dict], list[dict], list[dict]]:
         mix = build_default_mixture(spec)
         return list(mix.train), list(mix.test_in), list(mix.test_out)
     kw = dict(
-        source_column=d.source_column,
         prompt_field=d.prompt_field,
         completion_field=d.completion_field,
         messages_field=d.messages_field,
     )
 
-    def load(path):
+    def load(path, column):
         try:
-            return load_records(path, **kw)
+            return load_records(path, source_column=column, **kw)
         except ValueError as e:
-            _check_source_column(path, d.source_column, e)
+            if column is not None and _check_source_column(path, column, e):
+                # no example has the default source column: unlabelled data
+                if path == d.path:
+                    _log(
+                        f"{path} has no '{column}' column: using pseudo-sources "
+                        "(data.sources=auto, clusters of the model's hidden states)"
+                    )
+                    d.sources = "auto"
+                return load_records(path, source_column=None, **kw)
             raise
 
-    train = load(d.path)
-    test = load(d.test_path) if d.test_path else []
+    train = load(d.path, None if d.sources == "auto" else d.source_column)
+    # held-out data keeps its source labels when it has them (loss per source)
+    test = load(d.test_path, d.source_column) if d.test_path else []
     return train, test, []
 
 
-def _check_source_column(path, column: str, error: Exception) -> None:
-    """After a failed load: a ConfigError if no example of ``path`` has ``column`` at all
-    (a wrong data.source_column rather than a bad row)."""
+def _check_source_column(path, column: str, error: Exception) -> bool:
+    """After a failed load, whether no example of ``path`` has ``column`` at all: True
+    for the default column "source" (unlabelled data: pseudo-sources), a ConfigError for
+    another name (a wrong data.source_column rather than a bad row); False otherwise."""
     from .data.loading import _rows_from
 
     try:
@@ -85,13 +94,16 @@ def _check_source_column(path, column: str, error: Exception) -> None:
         # the reader's rows are (line number, row) pairs (plain rows in older versions)
         rows = [r[-1] if isinstance(r, tuple) else r for r in rows]
     except Exception:  # the file itself is the problem: keep the loader's error
-        return
+        return False
     if not rows or any(isinstance(r, Mapping) and column in r for r in rows):
-        return
+        return False
+    if column == "source":
+        return True
     columns = sorted({str(k) for r in rows[:1000] if isinstance(r, Mapping) for k in r})
     raise ConfigError(
         f"data.source_column={column!r} is invalid; expected one of the columns of {path} "
-        f"({columns}), the one that names each example's source (sub-dataset)"
+        f"({columns}), the one that names each example's source (sub-dataset), or "
+        "data.sources=auto for data without source labels"
     ) from error
 
 
@@ -503,12 +515,17 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
 
     _log(f"run directory {run}")
     train_records, test_in, test_out = load_data(cfg)
-    cfg.validate_data(source_counts(train_records))  # before the model is loaded
+    auto = cfg.data.sources == "auto"
+    if not auto:
+        cfg.validate_data(source_counts(train_records))  # before the model is loaded
     model, tokenizer = build_model(cfg)
     check_feature_block(cfg, model)  # before training starts
     examples, report = tokenize_records(
         train_records, tokenizer, max_length=cfg.data.max_length, overflow=cfg.data.overflow
     )
+    if auto:  # the clusters become the sources, before anything counts them
+        assign_pseudo_sources(cfg, run, model, tokenizer, examples, resume=resume, write=main)
+        cfg.validate_data(source_counts(examples))
     if main:
         (run / "data_report.json").write_text(json.dumps(report.as_dict(), indent=1))
         _log(report.summary())
@@ -589,8 +606,105 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
                 curve,
                 heldout_record(t.steps, wall, split, result["seconds"], result.get("loss_se")),
             )
-    _print_summary(cfg, run, train_records, test_out, result, wall)
+    _print_summary(cfg, run, examples if auto else train_records, test_out, result, wall)
     return run
+
+
+PSEUDO_SOURCES_FILE = "pseudo_sources.json"
+PSEUDO_EMBEDDINGS_FILE = "pseudo_sources_embeddings.npy"
+
+
+def _fingerprint(cfg: RunConfig, examples: list[dict]) -> str:
+    """Identifies the embedded data: the model and every example's tokens."""
+    import hashlib
+
+    h = hashlib.sha256(cfg.model.name.encode())
+    for ex in examples:
+        h.update(np.asarray(ex["input_ids"], dtype=np.int64).tobytes() + b"|")
+    return h.hexdigest()
+
+
+def assign_pseudo_sources(
+    cfg: RunConfig,
+    run: Path,
+    model,
+    tokenizer,
+    examples: list[dict],
+    resume: bool = False,
+    write: bool = True,
+) -> dict[str, Any]:
+    """data.sources=auto: set each tokenized example's ``source`` to its pseudo-source.
+
+    A resumed run restores the assignment from RUN/pseudo_sources.json (no model
+    pass). Otherwise the embeddings are reused from RUN/pseudo_sources_embeddings.npy
+    when they were made from the same model and tokens, else computed; then they
+    are clustered (data.num_sources, train.seed). The assignment is written with k,
+    the silhouette per k tried, each cluster's size and typical example (index and
+    first words) and, when the data had source labels (the built-in mixture), the
+    adjusted Rand index against them. Returns that record.
+    """
+    from .data.pseudo_sources import PseudoSources, adjusted_rand_index, pseudo_sources
+
+    path, cache = run / PSEUDO_SOURCES_FILE, run / PSEUDO_EMBEDDINGS_FILE
+    fingerprint = _fingerprint(cfg, examples)
+    saved = json.loads(path.read_text()) if path.exists() else None
+    if resume and saved is not None and saved.get("fingerprint") == fingerprint:
+        record = saved
+        _log(f"pseudo-sources restored from {path} (k={record['k']})")
+    else:
+        if resume:
+            _log(f"{path} is missing or was made for other data: computing pseudo-sources")
+        embeddings = None
+        if saved is not None and saved.get("fingerprint") == fingerprint and cache.exists():
+            embeddings = np.load(cache)
+            _log(f"pseudo-sources: reusing the embeddings in {cache}")
+        elif cache.exists():
+            cache.unlink()
+        if embeddings is None:
+            from .data.pseudo_sources import embed_examples
+
+            embeddings = embed_examples(model, examples, batch_size=cfg.eval.batch_size)
+        result = pseudo_sources(
+            model,
+            examples,
+            k=cfg.data.num_sources,
+            seed=cfg.train.seed,
+            progress=False,
+            embeddings=embeddings,
+        )
+        record = {"fingerprint": fingerprint, **result.as_dict()}
+        record["first_words"] = _first_words(tokenizer, examples, result.typical)
+        truth = [ex.get("source") for ex in examples]
+        if len(set(truth)) > 1:  # labelled data clustered anyway: how well it agrees
+            record["ari_vs_labels"] = adjusted_rand_index(truth, result.labels)
+        if write:
+            np.save(cache, embeddings)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record, indent=1))
+            tmp.replace(path)
+    labels = PseudoSources.from_dict(record).labels
+    if len(labels) != len(examples):
+        raise ValueError(f"{path} assigns {len(labels)} examples, the data has {len(examples)}")
+    for ex, label in zip(examples, labels):
+        ex["source"] = label
+    sizes = ", ".join(f"{n} {c}" for c, n in record["sizes"].items())
+    _log(
+        f"pseudo-sources: k={record['k']} ({sizes})"
+        + (f"; {record['note']}" if record.get("note") else "")
+        + f"; assignment in {path}"
+    )
+    return record
+
+
+def _first_words(tokenizer, examples: list[dict], typical: Mapping[str, int], n: int = 12):
+    """Each cluster's typical example as text: its first ``n`` words after the lines all
+    typical examples begin with (e.g. a chat template's system prompt)."""
+    lines = {
+        c: tokenizer.decode(examples[i]["input_ids"], skip_special_tokens=True).splitlines()
+        for c, i in typical.items()
+    }
+    shared = len(os.path.commonprefix(list(lines.values()))) if len(lines) > 1 else 0
+    return {c: " ".join(" ".join(t[shared:]).split()[:n]) for c, t in lines.items()}
 
 
 def _place_tensorboard(trainer, folder: Path) -> None:

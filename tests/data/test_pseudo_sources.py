@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import warnings
 
 import numpy as np
@@ -13,7 +12,8 @@ import yaml
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
-from colm.data import DataError, pseudo_sources
+from colm.cli import main
+from colm.data import DataError, MixtureSpec, build_default_mixture, pseudo_sources
 from colm.data.pseudo_sources import _normalise, cluster_embeddings, embed_examples
 from colm.features.locate import find_layers
 from tests.conftest import make_rows, make_tiny
@@ -140,3 +140,90 @@ def test_too_few_examples_for_automatic_k():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert cluster_embeddings(np.eye(2), k=2).k == 2
+
+
+# -- colm train on data without a source column ------------------------------------------
+
+SOURCES = {"basic_arithmetic": 30, "chain_sum": 30, "gcd": 30, "lcm": 30}
+
+
+def _unlabelled_run(tmp_path, model_dir) -> tuple[object, list[str]]:
+    """A config training on a small built-in mixture written without its source column;
+    returns the config path and the hidden true sources, in file order."""
+    mix = build_default_mixture(
+        MixtureSpec.from_dict(
+            {"train": SOURCES, "test_per_source": 2, "ood": {"products": 2}, "seed": 0}
+        )
+    )
+    truth = [r["source"] for r in mix.train]
+    data = tmp_path / "unlabelled.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": r["prompt"], "completion": r["completion"]}) + "\n"
+            for r in mix.train
+        )
+    )
+    cfg = {
+        "output_dir": str(tmp_path / "run"),
+        "model": {"name": str(model_dir), "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+        "data": {"path": str(data), "max_length": 96},
+        "train": {"steps": 2, "source_batch": 8, "micro_batches": 2, "save_steps": 2},
+        "eval": {"enabled": False},
+    }
+    path = tmp_path / "unlabelled.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, truth
+
+
+def test_colm_train_without_source_column_recovers_the_sources(
+    tmp_path, tiny_model_dir, capsys, monkeypatch
+):
+    """No source column: a notice, pseudo-sources (k chosen automatically) written to the
+    run directory, the clusters flow through selection as sources, they recover the
+    hidden true sources far above chance, and --resume restores them without a model pass."""
+    cfg, truth = _unlabelled_run(tmp_path, tiny_model_dir)
+    assert main(["train", str(cfg)]) == 0
+    err = capsys.readouterr().err
+    assert "has no 'source' column: using pseudo-sources" in err
+    run = tmp_path / "run"
+    saved = json.loads((run / "pseudo_sources.json").read_text())
+    assert (run / "pseudo_sources_embeddings.npy").exists()
+    labels = saved["labels"]
+    assert len(labels) == len(truth) and saved["k"] == len(set(labels))
+    assert set(saved["first_words"]) == set(saved["sizes"]) and all(saved["first_words"].values())
+
+    ari = adjusted_rand_score(truth, labels)
+    rng = np.random.default_rng(0)
+    chance = max(adjusted_rand_score(truth, rng.permutation(labels)) for _ in range(200))
+    with capsys.disabled():
+        print(f"pseudo-sources k={saved['k']} ARI={ari:.3f} (random assignment: <= {chance:.3f})")
+    assert chance < 0.1  # what a random assignment of the same cluster sizes reaches
+    assert ari >= 0.6, (ari, saved["silhouettes"])
+
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = {k.split("/")[1] for x in lines for k in x if k.endswith("/in_batch")}
+    assert logged and logged <= set(labels)  # clusters are the selector's sources
+
+    import sys
+
+    module = sys.modules["colm.data.pseudo_sources"]
+
+    def no_model_pass(*a, **k):
+        raise AssertionError("resume recomputed the embeddings")
+
+    monkeypatch.setattr(module, "embed_examples", no_model_pass)
+    assert main(["train", "--resume", str(run), "train.steps=3"]) == 0
+    assert "pseudo-sources restored" in capsys.readouterr().err
+    assert json.loads((run / "pseudo_sources.json").read_text()) == saved
+    steps = [x["step"] for x in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    assert 3 in steps
+
+
+def test_config_keys_are_checked(tmp_path, tiny_model_dir, capsys):
+    cfg, _ = _unlabelled_run(tmp_path, tiny_model_dir)
+    assert main(["train", str(cfg), "data.sources=clusters"]) == 2
+    assert "data.sources='clusters' is invalid" in capsys.readouterr().err
+    assert main(["train", str(cfg), "data.num_sources=0"]) == 2
+    assert "data.num_sources=0 is invalid" in capsys.readouterr().err
+    assert main(["train", str(cfg), "data.sources=auto", "data.num_sources=500"]) == 2
+    assert "data.num_sources" in capsys.readouterr().err

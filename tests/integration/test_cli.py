@@ -128,13 +128,17 @@ def test_train_on_user_jsonl(tmp_path, tiny_model_dir):
     assert not ev["accuracy_in"]  # no answer checkers for user data
 
 
-def test_missing_source_column_is_a_clear_error(tmp_path, tiny_model_dir, capsys):
+def test_missing_source_column_falls_back_to_pseudo_sources(tmp_path, tiny_model_dir, capsys):
+    """Data without the default source column trains on pseudo-sources, with a notice
+    (tests/data/test_pseudo_sources.py checks the clusters)."""
     data = tmp_path / "nosrc.jsonl"
     data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
     cfg = _config(tmp_path, tiny_model_dir)
-    assert main(["train", str(cfg), f"data.path={data}", f"output_dir={tmp_path / 'x'}"]) == 2
+    args = ["train", str(cfg), f"data.path={data}", f"output_dir={tmp_path / 'x'}"]
+    assert main([*args, "train.steps=1", "eval.enabled=false"]) == 0
     err = capsys.readouterr().err
-    assert "colm: error:" in err and "'source'" in err
+    assert "has no 'source' column: using pseudo-sources" in err
+    assert (tmp_path / "x" / "pseudo_sources.json").exists()
 
 
 def test_heldout_curve_during_training(tmp_path, tiny_model_dir):

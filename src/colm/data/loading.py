@@ -111,6 +111,7 @@ __all__ = [
 
 SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 IGNORE_INDEX = -100
+UNLABELLED = "unlabelled"  # the source of every example loaded with source_column=None
 _INT64 = (-(2**63), 2**63 - 1)
 _MESSAGE_SHAPE = '{"role": ..., "content": ...}'
 _JSON_SPACE = " \t\r\n"  # what JSON calls whitespace: a line of only these is blank
@@ -482,7 +483,7 @@ def _flatten(messages: Sequence[Mapping[str, str]]) -> str:
 def _normalise_row(
     row: Mapping[str, Any],
     at: _Row,
-    source_column: str,
+    source_column: str | None,
     prompt_field: str,
     completion_field: str,
     messages_field: str,
@@ -491,6 +492,10 @@ def _normalise_row(
 
     Returns the record and whether messages after the last assistant turn were dropped.
     """
+    if source_column is None:  # unlabelled data: pseudo-sources replace the placeholder
+        row = {k: v for k, v in row.items() if k != "source"}
+        row = {"source": UNLABELLED, **row}
+        source_column = "source"
     if source_column not in row:
         raise at.error(
             f"no source column '{source_column}' (columns: {_columns(row)}). "
@@ -584,7 +589,7 @@ def _normalise_row(
 
 def load_records(
     data: str | os.PathLike | Any,
-    source_column: str = "source",
+    source_column: str | None = "source",
     prompt_field: str = "prompt",
     completion_field: str = "completion",
     messages_field: str = "messages",
@@ -598,6 +603,9 @@ def load_records(
     `messages_field` (a list of ``{"role", "content"}``: the last assistant
     message is the completion, the messages before it are the prompt, later
     messages are dropped with a warning).
+    With ``source_column=None`` the data has no source labels: every example's
+    ``source`` is the placeholder ``"unlabelled"`` (a ``source`` column is
+    ignored), to be replaced by pseudo-sources (:mod:`colm.data.pseudo_sources`).
 
     Returns one dict per row: ``source``, ``prompt`` (text; for messages a
     plain ``role: content`` rendering used with template-free tokenizers),

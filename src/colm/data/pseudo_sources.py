@@ -257,7 +257,9 @@ def cluster_embeddings(
         _check_k(k, n, distinct)
     if distinct == 1:
         note = (
-            f"all {n} examples have the same embedding (duplicates only): one cluster; "
+            "a single example: one cluster"
+            if n == 1
+            else f"all {n} examples have the same embedding (duplicates only): one cluster; "
             "pseudo-sources cannot split such data"
         )
         warnings.warn(note, stacklevel=2)
