@@ -227,3 +227,43 @@ def test_config_keys_are_checked(tmp_path, tiny_model_dir, capsys):
     assert "data.num_sources=0 is invalid" in capsys.readouterr().err
     assert main(["train", str(cfg), "data.sources=auto", "data.num_sources=500"]) == 2
     assert "data.num_sources" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("as_dataset", [False, True])
+def test_trainer_without_source_column(tmp_path, as_dataset):
+    """CoLMTrainer(source_column=None) clusters its training set and selects by cluster."""
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    from colm import SelectorConfig
+    from colm.integrations.hf_trainer import CoLMTrainer
+    from tests.conftest import collate_rows
+
+    rows = make_rows(n=16, max_len=10, seed=3)
+    data = Dataset.from_list(rows) if as_dataset else rows
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        remove_unused_columns=False,
+        dataloader_drop_last=True,
+    )
+    trainer = CoLMTrainer(
+        model=make_tiny("llama", lora=True),
+        args=args,
+        train_dataset=data,
+        data_collator=collate_rows,
+        colm_config=SelectorConfig(ratio=0.5, check_replay=False),
+        source_column=None,
+        colm_num_sources=3,
+    )
+    res = trainer.colm_pseudo_sources
+    assert res.k == 3
+    assert [r["source"] for r in trainer.train_dataset] == res.labels
+    assert trainer.colm_source_counts == res.sizes
+    trainer.train()
+    assert trainer.state.global_step == 1

@@ -350,6 +350,26 @@ def pseudo_sources(
     return cluster_embeddings(embeddings, k=k, seed=seed, n_init=n_init, max_k=max_k)
 
 
+def with_pseudo_sources(
+    model: nn.Module,
+    dataset: Any,
+    k: int | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    column: str = "source",
+) -> tuple[Any, PseudoSources]:
+    """``dataset`` (a list of tokenized rows or a ``datasets.Dataset``) with each row's
+    ``column`` set to its pseudo-source, and the clustering. What
+    ``CoLMTrainer(..., source_column=None)`` does with its training set."""
+    result = pseudo_sources(model, dataset, k=k, seed=seed, batch_size=batch_size)
+    if hasattr(dataset, "add_column"):  # datasets.Dataset
+        if column in dataset.column_names:
+            dataset = dataset.remove_columns(column)
+        return dataset.add_column(column, result.labels), result
+    rows = [{**row, column: label} for row, label in zip(dataset, result.labels)]
+    return rows, result
+
+
 def adjusted_rand_index(a: Sequence[Any], b: Sequence[Any]) -> float:
     """Agreement of two labelings, 0 for chance, 1 for identical up to renaming."""
     from sklearn.metrics import adjusted_rand_score
@@ -364,4 +384,5 @@ __all__ = [
     "cluster_embeddings",
     "embed_examples",
     "pseudo_sources",
+    "with_pseudo_sources",
 ]

@@ -98,7 +98,11 @@ class CoLMTrainerMixin:
         colm_method: ``"colm"``, ``"random"``, ``"full"`` or ``"accumulate"``.
         source_counts: examples per source in the training set (default: counted
             from ``train_dataset``'s ``source_column``).
-        source_column: name of the per-example source column.
+        source_column: name of the per-example source column; None for data without
+            source labels: pseudo-sources (k-means clusters of the model's hidden
+            states, :mod:`colm.data.pseudo_sources`) are computed on ``train_dataset``
+            and stored in its ``source`` column (the result in ``colm_pseudo_sources``).
+        colm_num_sources: clusters with ``source_column=None`` (None: chosen by silhouette).
     """
 
     def __init__(
@@ -107,7 +111,8 @@ class CoLMTrainerMixin:
         colm_config: SelectorConfig | None = None,
         colm_method: str = "colm",
         source_counts: Mapping[str, int] | None = None,
-        source_column: str = "source",
+        source_column: str | None = "source",
+        colm_num_sources: int | None = None,
         **kwargs,
     ):
         if colm_method not in TRAIN_METHODS:
@@ -124,6 +129,14 @@ class CoLMTrainerMixin:
         super().__init__(*args, **kwargs)
         self.colm_method = colm_method
         self.colm_config = colm_config or SelectorConfig()
+        self.colm_pseudo_sources = None
+        if source_column is None:  # the tokenized training set, clustered by the model
+            from ..data.pseudo_sources import with_pseudo_sources
+
+            source_column = "source"
+            self.train_dataset, self.colm_pseudo_sources = with_pseudo_sources(
+                self.model, self.train_dataset, k=colm_num_sources, seed=self.args.seed
+            )
         self.source_column = source_column
         if source_counts is None:
             source_counts = _dataset_source_counts(self.train_dataset, source_column)
