@@ -255,15 +255,24 @@ def make_tiny(
     lora_r: int = 4,
     targets=None,
     lora_options: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = None,
 ):
     """A tiny model of ``arch`` in eval mode (dropout off), optionally with LoRA
     (``lora_options`` go to ``LoraConfig``, e.g. ``{"use_dora": True}``).
+
+    ``dtype`` is the base model's, as if loaded with ``from_pretrained(dtype=...)``;
+    PEFT then keeps LoRA weights in fp32, as it does for real models. The same
+    seed gives the same weights in every dtype (rounded from the fp32 ones).
 
     LoRA B is randomised (PEFT initialises it to zero, which would make every
     LoRA-B gradient feature trivially related to the base model)."""
     torch.manual_seed(seed)
     model, lora_targets, _ = TINY_MODELS[arch]()
     model.config.use_cache = False
+    model.to(dtype)
+    if attn_implementation is not None:
+        model.set_attn_implementation(attn_implementation)
     if lora:
         from peft import LoraConfig, get_peft_model
 
