@@ -9,6 +9,7 @@ measured, and each source's share of the selected examples.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -175,6 +176,44 @@ def _share_table(runs: Sequence[RunData]) -> list[str]:
     return _table(["source", *names], rows)
 
 
+def _pseudo_sources_section(runs: Sequence[RunData]) -> list[str]:
+    """Runs trained on pseudo-sources (data.sources=auto): what each cluster is."""
+    lines: list[str] = []
+    for run in runs:
+        path = Path(run.path) / "pseudo_sources.json"
+        if not path.exists():
+            continue
+        ps = json.loads(path.read_text())
+        tried = ", ".join(f"k={k}: {v:.3f}" for k, v in ps.get("silhouettes", {}).items())
+        ari = ps.get("ari_vs_labels")
+        lines += [
+            f"`{run.name}`: k={ps['k']}"
+            + (f" (silhouette {tried})" if tried else " (data.num_sources)")
+            + (f"; adjusted Rand index against the data's labels {ari:.3f}" if ari else "")
+            + (f"; {ps['note']}" if ps.get("note") else ""),
+            "",
+            *_table(
+                ["cluster", "examples", "typical example (first words)"],
+                [
+                    [c, str(n), ps.get("first_words", {}).get(c, "-")]
+                    for c, n in ps["sizes"].items()
+                ],
+                "lrl",
+            ),
+            "",
+        ]
+    if lines:
+        lines = [
+            "## Pseudo-sources",
+            "",
+            "Sources found by k-means on the model's hidden states (data without source "
+            "labels, or data.sources=auto; docs/pseudo_sources.md).",
+            "",
+            *lines,
+        ]
+    return lines
+
+
 def make_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> Path:
     """Compare the runs in `run_dirs`; write ``report.md`` and its plots into `out_dir`.
 
@@ -269,6 +308,7 @@ def make_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLik
             "",
             *image("accuracy_per_task.png", "accuracy per task"),
         ]
+    lines += _pseudo_sources_section(runs)
     lines += ["## Selected examples per source", ""]
     if plots["selected_share.png"]:
         lines += [

@@ -204,6 +204,12 @@ def test_colm_train_without_source_column_recovers_the_sources(
     logged = {k.split("/")[1] for x in lines for k in x if k.endswith("/in_batch")}
     assert logged and logged <= set(labels)  # clusters are the selector's sources
 
+    from colm.report import make_report
+
+    text = make_report([run], tmp_path / "report").read_text()
+    assert "## Pseudo-sources" in text and f"k={saved['k']}" in text
+    assert saved["first_words"]["cluster_0"] in text  # what each cluster is
+
     import sys
 
     module = sys.modules["colm.data.pseudo_sources"]
