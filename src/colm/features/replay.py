@@ -144,6 +144,24 @@ def _final_norm(block: ValueBlock) -> nn.Module | None:
     return None
 
 
+@contextmanager
+def _no_checkpointing(layer: nn.Module) -> Iterator[None]:
+    """Run the last block without gradient checkpointing (transformers'
+    ``GradientCheckpointingLayer`` checkpoints when ``gradient_checkpointing`` and
+    ``training`` are set). Checkpointing would save nothing here, as selection
+    replays one block of one chunk; and reentrant checkpointing of a block whose
+    inputs need no gradient returns outputs without a graph, so the exact
+    features' backward would find nothing to differentiate."""
+    if not getattr(layer, "gradient_checkpointing", False):
+        yield
+        return
+    layer.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        layer.gradient_checkpointing = True
+
+
 class LastBlockReplay:
     """Replays last block + final norm + LM head of a causal LM.
 
@@ -249,7 +267,8 @@ class LastBlockReplay:
 
         handle = self.block.layer.register_forward_pre_hook(hook, with_kwargs=True)
         try:
-            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            with _no_checkpointing(self.block.layer):  # stop before any checkpoint is set up
+                self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         except _StopForward:
             pass
         finally:
@@ -283,7 +302,11 @@ class LastBlockReplay:
         weights = dict(overrides or {})
         if dtype is not None:
             weights = {**self._fp32_state()["layer"], **weights}
-        with self._numerics(captured, as_model), self.block.frozen_dora_norm():
+        with (
+            self._numerics(captured, as_model),
+            self.block.frozen_dora_norm(),
+            _no_checkpointing(self.block.layer),
+        ):
             out = functional_call(self.block.layer, weights, args, kwargs, strict=False)
         return out[0] if isinstance(out, (tuple, list)) else out
 

@@ -1,0 +1,142 @@
+"""Training set-ups users run (issue 12): mixed precision and half-precision
+models under the Trainer, and gradient checkpointing, reentrant or not."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from colm import CoresetSelector, SelectorConfig
+from colm.features import GradientFeatures
+from colm.features.replay import LastBlockReplay
+from colm.integrations.hf_trainer import CoLMTrainer
+from colm.integrations.loop import coreset_step
+from tests.conftest import collate_rows, make_batch, make_tiny
+from tests.integrations.test_hf_trainer import (
+    COUNTS,
+    _args,
+    _dataset,
+    _lora_params,
+    _no_dropout,
+    _train,
+)
+
+# -- mixed precision -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dtype", "flag"),
+    [
+        (torch.float32, "bf16"),  # AMP: fp32 weights, bf16 autocast
+        (torch.bfloat16, "bf16"),  # a model loaded in bf16
+        (torch.float16, "fp16"),  # fp16 model, fp32 LoRA, fp16 loss scaling
+    ],
+    ids=["fp32-model-bf16-amp", "bf16-model", "fp16-model-fp16-amp"],
+)
+def test_trainer_trains_in_mixed_precision(tmp_path, monkeypatch, dtype, flag):
+    """Two steps with selection (and the replay check, run in the trunk's own
+    precision) on each set-up; losses finite, LoRA weights moved."""
+    autocast_seen = []
+    capture = LastBlockReplay.capture
+
+    def spy(self, *a, **kw):
+        cap = capture(self, *a, **kw)
+        autocast_seen.append(cap.autocast)
+        return cap
+
+    monkeypatch.setattr(LastBlockReplay, "capture", spy)
+    model = _no_dropout(make_tiny("llama", lora=True, seed=1, dtype=dtype))
+    before = _lora_params(model)
+    trainer = CoLMTrainer(
+        model=model,
+        args=_args(tmp_path, max_steps=2, learning_rate=1e-2, **{flag: True}),
+        train_dataset=_dataset(),
+        data_collator=collate_rows,
+        colm_config=SelectorConfig(ratio=0.5, check_replay=True),
+        source_counts=COUNTS,
+    )
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert trainer.colm_selector.step == 2
+    selected = [h for h in trainer.state.log_history if "colm/coreset" in h]
+    assert [h["colm/coreset"] for h in selected] == [4, 4]
+    after = _lora_params(model)
+    assert all(p.dtype == torch.float32 for p in after.values())  # PEFT's fp32 adapters
+    assert max((after[k] - before[k]).abs().max() for k in after) > 0
+    if dtype == torch.float32:  # the Trainer's AMP wraps the forward in autocast
+        assert autocast_seen[0] == ("cpu", torch.bfloat16)
+
+
+# -- gradient checkpointing -----------------------------------------------------------
+
+
+def _checkpointed(reentrant: bool | None):
+    model = _no_dropout(make_tiny("llama", lora=True, seed=1))
+    if reentrant is not None:
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": reentrant}
+        )
+        if reentrant:  # reentrant checkpoints need an input that requires grad (PEFT docs)
+            model.enable_input_require_grads()
+    return model.train()
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_checkpointed_coreset_step_equals_plain_step(reentrant):
+    batch = make_batch(n=8, max_len=12, seed=2, sources=["a"] * 4 + ["b"] * 4)
+    results = []
+    for setting in (None, reentrant):
+        model = _checkpointed(setting)
+        assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) == (
+            setting is not None
+        )
+        before = _lora_params(model)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        sel = CoresetSelector(SelectorConfig(ratio=0.5, small_sources=[]), {"a": 100, "b": 100})
+        out = coreset_step(model, opt, sel, batch, micro_batches=2)
+        results.append((out, _lora_params(model), before))
+    (plain, w_plain, w0), (ckpt, w_ckpt, _) = results
+    assert ckpt.selection.indices.tolist() == plain.selection.indices.tolist()
+    assert ckpt.loss == pytest.approx(plain.loss, abs=1e-5)
+    assert max((w_plain[k] - w0[k]).abs().max() for k in w0) > 1e-3  # the step moved them
+    for k in w_plain:
+        torch.testing.assert_close(w_ckpt[k], w_plain[k], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+@pytest.mark.parametrize("kind", ["exact", "zo"])
+def test_features_of_a_checkpointed_model_in_training_mode(reentrant, kind):
+    """Called directly, outside the selector (which switches to eval mode), on a
+    model training with checkpointing: the capture still stops at the last block
+    and the replay runs it unchecked (a reentrant checkpoint would cut the exact
+    features' graph)."""
+    b = make_batch(n=6, seed=4)
+    args = (b["input_ids"], b["attention_mask"], b["labels"])
+    reference = GradientFeatures(_checkpointed(None))
+    z = torch.randn(2, reference.numel, generator=torch.Generator().manual_seed(0))
+    plain = reference.compute(*args, kind=kind, directions=z)
+    model = _checkpointed(reentrant)
+    got = GradientFeatures(model).compute(*args, kind=kind, directions=z)
+    torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-6)
+    assert model.training
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_trainer_with_gradient_checkpointing_equals_without(tmp_path, reentrant):
+    start, plain, _, seen_plain = _train(tmp_path / "plain", "colm")
+    _, ckpt, _, seen = _train(
+        tmp_path / "ckpt",
+        "colm",
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": reentrant},
+    )
+    assert any(getattr(m, "gradient_checkpointing", False) for m in ckpt.modules())
+    picked = [s.indices.tolist() for _, s in seen["selections"]]
+    assert picked == [s.indices.tolist() for _, s in seen_plain["selections"]]
+    w0, w_plain, w_ckpt = _lora_params(start), _lora_params(plain), _lora_params(ckpt)
+    assert max((w_plain[k] - w0[k]).abs().max() for k in w0) > 1e-3
+    for k in w_plain:
+        torch.testing.assert_close(w_ckpt[k], w_plain[k], rtol=0, atol=1e-5)
