@@ -663,7 +663,7 @@ def assign_pseudo_sources(
         if embeddings is None:
             from .data.pseudo_sources import embed_examples
 
-            embeddings = embed_examples(model, examples, batch_size=cfg.eval.batch_size)
+            embeddings = embed_examples(model, examples)
         result = pseudo_sources(
             model,
             examples,
