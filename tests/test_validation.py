@@ -229,3 +229,15 @@ def test_paper_preset_is_one_switch_away():
         SelectorConfig.preset("nope")
     with pytest.raises(ConfigError, match="selector.preset"):
         load_config(root / "configs" / "paper.yaml", ["selector.preset=nope"]).selector_config()
+
+
+@pytest.mark.parametrize("value", ["fp64", "float16", 16])
+def test_model_dtype_unknown(tmp_path, data_file, model_loads, value):
+    msg = _error(tmp_path, data_file, model_loads, f"model.dtype={value}")
+    assert f"model.dtype={value!r} is invalid" in msg and "['fp32', 'bf16', 'fp16']" in msg
+
+
+def test_model_dtype_fp16_refused_for_full_fine_tuning(tmp_path, data_file, model_loads):
+    msg = _error(tmp_path, data_file, model_loads, "model.dtype=fp16", "model.lora=null")
+    assert "model.dtype='fp16' is invalid" in msg
+    assert "'bf16' or 'fp32' for full fine-tuning" in msg and "with LoRA" in msg

@@ -56,10 +56,16 @@ class LoraSettings:
     targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
+# model.dtype: the dtype the model is loaded in; the Trainer trains with mixed precision
+# of the same kind (bf16: bf16 autocast; fp16: fp16 autocast with loss scaling)
+MODEL_DTYPES = ("fp32", "bf16", "fp16")
+
+
 @dataclass
 class ModelSettings:
     name: str = "smollm2-135m-instruct"  # the packaged default, a local directory, or a hub id
     lora: LoraSettings | None = field(default_factory=LoraSettings)  # None: full fine-tuning
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 (see MODEL_DTYPES)
 
 
 @dataclass
@@ -212,6 +218,7 @@ class RunConfig:
                 "(chosen automatically)",
             )
         self._validate_lora()
+        self._validate_dtype()
 
         sel = self.selector_config()
         if sel.size is not None and sel.size > t.source_batch:
@@ -253,6 +260,23 @@ class RunConfig:
                 "selector.small_sources",
                 small,
                 "'below_mean', a number c > 0, or a list of source names (strings)",
+            )
+
+    def _validate_dtype(self) -> None:
+        dtype = self.model.dtype
+        if dtype not in MODEL_DTYPES:
+            _bad(
+                "model.dtype", dtype, f"one of {list(MODEL_DTYPES)}, the dtype to load the model in"
+            )
+        if dtype == "fp16" and self.model.lora is None:
+            # the Trainer's fp16 loss scaling refuses fp16 gradients ("Attempting to unscale
+            # FP16 gradients"); with LoRA, PEFT keeps the trained adapters in fp32
+            _bad(
+                "model.dtype",
+                dtype,
+                "'bf16' or 'fp32' for full fine-tuning (model.lora: null): fp16 loss scaling "
+                "needs fp32 trainable weights, which an fp16 model does not have; or keep "
+                "model.dtype=fp16 with LoRA (its adapters are trained in fp32)",
             )
 
     def _validate_lora(self) -> None:

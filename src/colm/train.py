@@ -108,9 +108,10 @@ def _check_source_column(path, column: str, error: Exception) -> bool:
 
 
 def build_model(cfg: RunConfig):
-    from .models import add_lora, load_model
+    from .models import TORCH_DTYPES, add_lora, load_model
 
-    model, tokenizer = load_model(cfg.model.name)
+    # with LoRA on a bf16 / fp16 model, PEFT keeps the adapters (the trained weights) in fp32
+    model, tokenizer = load_model(cfg.model.name, dtype=TORCH_DTYPES[cfg.model.dtype])
     if cfg.model.lora is not None:
         lo = cfg.model.lora
         torch.manual_seed(cfg.train.seed)  # LoRA initialisation
@@ -365,6 +366,10 @@ class _StopOnNonFinite(TrainerCallback):
         loss = getattr(self.trainer, "_tr_loss", None)  # summed since the last log
         device = grads[0][1].device if grads else torch.device("cpu")
         flags = [(~torch.isfinite(g)).any().to(device) for _, g in grads]
+        if _loss_scaling(self.trainer):
+            # fp16 loss scaling: overflowing gradients are the scaler's to handle (it skips
+            # the update and lowers the scale); only a non-finite loss stops training
+            flags = []
         grad_bad = torch.stack(flags).any() if flags else torch.zeros((), device=device)
         loss_bad = (
             (~torch.isfinite(loss)).any().to(device)
@@ -429,6 +434,12 @@ class _StopOnNonFinite(TrainerCallback):
             _log(f"could not save the last good state to {folder}: {type(e).__name__}: {e}")
             return None
         return folder
+
+
+def _loss_scaling(trainer) -> bool:
+    """Whether the trainer scales the loss (fp16 mixed precision's GradScaler)."""
+    scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
+    return scaler is not None and scaler.is_enabled()
 
 
 def _install_nan_fault(model, guard: _StopOnNonFinite) -> None:
@@ -553,6 +564,10 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
         dataloader_drop_last=True,
         logging_nan_inf_filter=False,  # a non-finite loss must reach _StopOnNonFinite
         use_cpu=not torch.cuda.is_available(),
+        # mixed precision of the model's dtype: bf16 autocast, or fp16 autocast with the
+        # Trainer's loss scaling (colm's selection replays in fp32 either way)
+        bf16=cfg.model.dtype == "bf16",
+        fp16=cfg.model.dtype == "fp16",
     )
     guard = _StopOnNonFinite(run, t.lr)
     clock = _Clock(time_offset)
@@ -769,9 +784,9 @@ def run_eval(
     if model is None:
         from peft import PeftModel
 
-        from .models import load_model
+        from .models import TORCH_DTYPES, load_model
 
-        base, tokenizer = load_model(cfg.model.name)
+        base, tokenizer = load_model(cfg.model.name, dtype=TORCH_DTYPES[cfg.model.dtype])
         adapter = run / "adapter"
         if cfg.model.lora is not None:
             if not adapter.exists():

@@ -3,6 +3,7 @@ models under the Trainer, and gradient checkpointing, reentrant or not."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -140,3 +141,54 @@ def test_trainer_with_gradient_checkpointing_equals_without(tmp_path, reentrant)
     assert max((w_plain[k] - w0[k]).abs().max() for k in w0) > 1e-3
     for k in w_plain:
         torch.testing.assert_close(w_ckpt[k], w_plain[k], rtol=0, atol=1e-5)
+
+
+# -- colm train: model.dtype ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_colm_train_loads_and_trains_in_model_dtype(tmp_path, monkeypatch, tiny_model_dir, dtype):
+    """model.dtype loads the weights in that dtype and turns on the Trainer's mixed
+    precision of the same kind (fp16: with loss scaling); LoRA trains in fp32."""
+    import colm.train
+    from colm.config import load_config
+
+    seen = {}
+    build, install = colm.train.build_model, colm.train.install_console
+
+    def spy_build(cfg):
+        model, tokenizer = build(cfg)
+        seen["dtypes"] = {p.dtype for p in model.parameters()}
+        seen["trained"] = {p.dtype for p in model.parameters() if p.requires_grad}
+        return model, tokenizer
+
+    def spy_install(trainer):
+        seen["args"] = (trainer.args.bf16, trainer.args.fp16)
+        return install(trainer)
+
+    monkeypatch.setattr(colm.train, "build_model", spy_build)
+    monkeypatch.setattr(colm.train, "install_console", spy_install)
+    out = tmp_path / "run"
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={out}",
+            f"model.name={tiny_model_dir}",
+            f"model.dtype={dtype}",
+            "model.lora={r: 4, alpha: 8, dropout: 0.0}",
+            "data.max_length=96",
+            "data.mixture={train: {basic_arithmetic: 20, chain_sum: 16, lcm: 4}, "
+            "test_per_source: 1, ood: {}}",
+            "train.steps=2",
+            "train.source_batch=8",
+            "eval.enabled=false",
+        ],
+    )
+    colm.train.run_training(cfg)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    assert seen["dtypes"] == {half, torch.float32} and seen["trained"] == {torch.float32}
+    assert seen["args"] == (dtype == "bf16", dtype == "fp16")
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in lines if "loss" in x]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    assert all(x["colm/coreset"] == 4 for x in lines if "loss" in x)
