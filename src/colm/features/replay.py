@@ -29,6 +29,7 @@ are replayed as before, with no copies.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -190,6 +191,18 @@ class LastBlockReplay:
         if self.norm is not None:
             tensors += [*self.norm.parameters(), *self.norm.buffers()]
         self.dtype: torch.dtype | None = COMPUTE_DTYPE if any(map(_is_half, tensors)) else None
+        if self.dtype is not None and "flash" in str(getattr(cfg, "_attn_implementation", "")):
+            # flash-attention kernels take fp16 / bf16 only (transformers picks the
+            # kernel's dtype from the block's weights, which would be fp32 copies)
+            warnings.warn(
+                f"{type(inner).__name__} uses {cfg._attn_implementation}, which computes in "
+                "half precision only, so colm replays the last block in the model's dtype, "
+                "where zeroth-order features are noisy; for fp32 selection load the model "
+                "with attn_implementation='sdpa', or use SelectorConfig(feature='exact')",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self.dtype = None
         self._state: dict[str, dict[str, torch.Tensor]] | None = None
 
     # -- precision -----------------------------------------------------------
