@@ -175,6 +175,31 @@ def _key(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if k not in ("output_dir", "name")}
 
 
+def same_config(stored: Any, want: Any, defaults: Any) -> bool:
+    """Whether a committed record was made with the configuration wanted now. A setting
+    added to colm after the record was made (absent from it) matches when the wanted
+    value is that setting's default, which is what the record's run used; any other
+    difference, or a setting the record has and colm no longer knows, does not match."""
+    if isinstance(stored, dict) and isinstance(want, dict):
+        defaults = defaults if isinstance(defaults, dict) else {}
+        for k in set(stored) | set(want):
+            if k not in want:
+                return False
+            if k not in stored:
+                if k not in defaults or want[k] != defaults[k]:
+                    return False
+            elif not same_config(stored[k], want[k], defaults.get(k)):
+                return False
+        return True
+    return stored == want
+
+
+def _defaults() -> dict[str, Any]:
+    from colm.config import RunConfig, to_dict
+
+    return to_dict(RunConfig())
+
+
 # --------------------------------------------------------------------------- running
 
 
@@ -210,7 +235,7 @@ def run_one(config, overrides, run_dir, record_path, env, timeout, force) -> dic
     want = _key(resolved_config(config, overrides))
     if not force and record_path.exists():
         rec = json.loads(record_path.read_text())
-        if rec.get("config") == want:
+        if same_config(rec.get("config"), want, _key(_defaults())):
             log(f"{record_path.stem}: finished run found, reused (--force to rerun)")
             return rec
     cmd = [sys.executable, "-m", "colm.cli", "train", str(config), *overrides]
@@ -291,7 +316,8 @@ def base_point(config: Path, common: list[str], path: Path) -> dict[str, Any]:
     want = {"model": cfg_dict["model"]["name"], "data": cfg_dict["data"], "eval": cfg_dict["eval"]}
     if path.exists():
         rec = json.loads(path.read_text())
-        if rec.get("config") == want:
+        d = _defaults()
+        if same_config(rec.get("config"), want, {"data": d["data"], "eval": d["eval"]}):
             return rec
     from colm.config import eval_max_length, load_config
     from colm.evaluate import heldout_loss
@@ -621,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.report_only:
             want = _key(resolved_config(config, ov))
             rec = json.loads(record.read_text()) if record.exists() else None
-            rec = rec if rec and rec.get("config") == want else None
+            rec = rec if rec and same_config(rec.get("config"), want, _key(_defaults())) else None
             if rec is None:
                 continue
         else:

@@ -245,3 +245,35 @@ def test_run_order(quality):
     order = quality.run_order([("colm", [0, 1]), ("no_adam", [0]), ("full", [0, 1, 1])])
     # seed-major in the order given, duplicates dropped: an interrupted run leaves whole seeds
     assert order == [("colm", 0), ("no_adam", 0), ("full", 0), ("colm", 1), ("full", 1)]
+
+
+def test_finished_records_survive_new_settings_at_their_defaults(quality):
+    """A record made before a setting existed is reused while that setting is at its
+    default (what the record's run used), and not once it is changed."""
+    stored = {"model": {"name": "m"}, "data": {"max_length": 128}}
+    defaults = {
+        "model": {"name": "x", "dtype": "fp32"},
+        "data": {"max_length": 256, "sources": "column"},
+    }
+    same = {
+        "model": {"name": "m", "dtype": "fp32"},
+        "data": {"max_length": 128, "sources": "column"},
+    }
+    assert quality.same_config(stored, same, defaults)
+    assert not quality.same_config(
+        stored, {**same, "data": {"max_length": 128, "sources": "auto"}}, defaults
+    )
+    assert not quality.same_config(
+        stored, {**same, "data": {"max_length": 64, "sources": "column"}}, defaults
+    )
+    assert not quality.same_config({**stored, "gone": 1}, same, defaults)  # a removed setting
+    # the committed records match today's configuration of their variant
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    rec = json.loads((root / "benchmarks/results/quality/finished/full-seed0.json").read_text())
+    cfg = root / "configs" / "bench_quality.yaml"
+    ov = ["train.method=full", "name=full", "output_dir=x", "train.seed=0"]
+    want = quality._key(quality.resolved_config(cfg, ov))
+    assert quality.same_config(rec["config"], want, quality._key(quality._defaults()))
