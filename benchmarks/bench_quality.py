@@ -527,6 +527,8 @@ def markdown(payload: dict[str, Any], plots: list[str]) -> str:
         )
         + "; the runs' own medians, measured while other work shared the machine, in "
         "brackets.",
+        "Held-out loss: mean ± half-width of the 95% t interval over seeds (one seed: no "
+        "interval).",
         "",
         "| variant | seeds | s / step | held-out loss (in), last step | (out) | at equal time (in) "
         "| (out) |",
@@ -535,7 +537,9 @@ def markdown(payload: dict[str, Any], plots: list[str]) -> str:
 
     def mc(v, key):
         m, h = _mean_ci([r.get(key) for r in v["runs"]])
-        return "-" if math.isnan(m) else f"{m:.4f} ± {h:.4f}"
+        if math.isnan(m):
+            return "-"
+        return f"{m:.4f}" if len(v["runs"]) < 2 else f"{m:.4f} ± {h:.4f}"
 
     for n in shown:
         v = variants[n]
