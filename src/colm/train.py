@@ -87,7 +87,7 @@ def _check_source_column(path, column: str, error: Exception) -> bool:
     """After a failed load, whether no example of ``path`` has ``column`` at all: True
     for the default column "source" (unlabelled data: pseudo-sources), a ConfigError for
     another name (a wrong data.source_column rather than a bad row); False otherwise."""
-    from .data.loading import _rows_from
+    from .data.reading import _rows_from
 
     try:
         rows, _ = _rows_from(path)

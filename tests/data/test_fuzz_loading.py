@@ -1,7 +1,7 @@
 """Hostile input for the data loaders (issue 5), fuzzed with hypothesis.
 
 Every case ends in one of two ways (the rules are in the docstring of
-colm.data.loading): a DataError (a ValueError) that names the file, the row or
+colm.data.reading, records, tokenize, collate): a DataError (a ValueError) that names the file, the row or
 line and the field, or a documented skip with a count. Nothing else escapes.
 """
 
@@ -20,14 +20,14 @@ import torch
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from colm.data.loading import (
-    IGNORE_INDEX,
+from colm.data import (
     CoLMCollator,
     DataError,
     load_records,
     source_counts,
     tokenize_records,
 )
+from colm.data.tokenize import IGNORE_INDEX
 
 FUZZ = settings(
     max_examples=50,

@@ -9,13 +9,13 @@ import warnings
 import pytest
 import torch
 
-from colm.data.loading import (
-    IGNORE_INDEX,
+from colm.data import (
     CoLMCollator,
     load_records,
     source_counts,
     tokenize_records,
 )
+from colm.data.tokenize import IGNORE_INDEX
 
 ROWS = [
     {"source": "gsm", "prompt": "What is 2 + 3?", "completion": "2 + 3 = 5\nAnswer: 5"},

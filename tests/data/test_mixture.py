@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from colm.data.loading import load_records, source_counts
+from colm.data import load_records, source_counts
 from colm.data.mixture import (
     ANSWER_PREFIX,
     MixtureSpec,

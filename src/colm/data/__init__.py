@@ -1,14 +1,10 @@
-"""Data layer: the demo mixture, user data loading, tokenization, answer grading."""
+"""Data layer: the demo mixture; user data read (reading), normalised into records with a
+source (records), tokenized (tokenize) and batched (collate), with one error type
+(errors); pseudo-sources for data without source labels; answer grading."""
 
 from colm.data.answers import extract_answer, gold_entry, score, score_answer
-from colm.data.loading import (
-    CoLMCollator,
-    DataError,
-    TokenizationReport,
-    load_records,
-    source_counts,
-    tokenize_records,
-)
+from colm.data.collate import CoLMCollator
+from colm.data.errors import DataError
 from colm.data.mixture import (
     ANSWER_PREFIX,
     Mixture,
@@ -18,6 +14,8 @@ from colm.data.mixture import (
     format_completion,
 )
 from colm.data.pseudo_sources import PseudoSources, pseudo_sources
+from colm.data.records import load_records, source_counts
+from colm.data.tokenize import TokenizationReport, tokenize_records
 
 __all__ = [
     "ANSWER_PREFIX",

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..features.locate import _unwrap, find_layers
 from ..features.replay import _StopForward
-from .loading import DataError
+from .errors import DataError
 
 # automatic k: the silhouette is compared for k = 2 .. min(MAX_AUTO_K, n - 1)
 MAX_AUTO_K = 10
