@@ -192,3 +192,73 @@ def test_colm_train_loads_and_trains_in_model_dtype(tmp_path, monkeypatch, tiny_
     losses = [x["loss"] for x in lines if "loss" in x]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
     assert all(x["colm/coreset"] == 4 for x in lines if "loss" in x)
+
+
+# -- the real model (slow twins) ----------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_smollm2_checkpointed_coreset_step_equals_plain_step(reentrant):
+    """SmolLM2-135M + LoRA (fp32): one coreset step with gradient checkpointing
+    equals the step without, to 1e-5."""
+    from colm.models import add_lora, load_model
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 20000, (8, 24), generator=g)
+    labels = ids.clone()
+    labels[:, :8] = -100
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": labels,
+        "source": ["a"] * 4 + ["b"] * 4,
+    }
+    results = []
+    for setting in (None, reentrant):
+        model, _ = load_model()
+        torch.manual_seed(0)
+        model = _no_dropout(add_lora(model))
+        if setting is not None:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": setting}
+            )
+            if setting:
+                model.enable_input_require_grads()
+        model.train()
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        sel = CoresetSelector(SelectorConfig(ratio=0.5, small_sources=[]), {"a": 100, "b": 100})
+        out = coreset_step(model, opt, sel, batch, micro_batches=2)
+        results.append((out.selection.indices.tolist(), out.loss, _lora_params(model)))
+    (idx_plain, loss_plain, w_plain), (idx, loss, w) = results
+    assert idx == idx_plain and loss == pytest.approx(loss_plain, abs=1e-5)
+    for k in w_plain:
+        torch.testing.assert_close(w[k], w_plain[k], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_smollm2_colm_train_in_bf16(tmp_path):
+    """``colm train model.dtype=bf16`` on the packaged SmolLM2: two steps, finite losses."""
+    from colm.cli import main
+
+    out = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            "configs/default.yaml",
+            f"output_dir={out}",
+            "model.dtype=bf16",
+            "train.steps=2",
+            "train.source_batch=8",
+            "data.max_length=128",
+            "eval.enabled=false",
+            "eval.every=0",
+            "eval.at_start=false",
+            "data.mixture={train: {basic_arithmetic: 60, chain_sum: 40, gcd: 8, lcm: 6}, "
+            "test_per_source: 2, ood: {products: 2}}",
+        ]
+    )
+    assert code == 0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in lines if "loss" in x]
+    assert len(losses) == 2 and all(0 < v < 10 for v in losses)
