@@ -273,8 +273,8 @@ class LastBlockReplay:
 
         def hook(_module, args, kwargs):
             store["args"], store["kwargs"] = args, dict(kwargs)
-            device = args[0].device.type if args else self.block.parameter.device.type
-            if torch.is_autocast_enabled(device):
+            device = self.block.parameter.device.type
+            if torch.is_autocast_enabled(device):  # e.g. the Trainer's bf16 / fp16 AMP
                 store["autocast"] = (device, torch.get_autocast_dtype(device))
             raise _StopForward
 
