@@ -132,6 +132,10 @@ def run_loop(a, rank: int, world: int) -> dict:
         size=a.coreset or None,
         feature=a.feature,
         num_directions=2,
+        # one example per replay chunk: each rank computes only its share of the rows, and
+        # a BLAS call's rounding can depend on how many rows it gets; with one row per call
+        # the features are bitwise those of one process, so the picks can be compared
+        chunk_size=1,
         small_sources=small,
         weights=a.weights,
         moments=a.moments,
