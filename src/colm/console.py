@@ -77,9 +77,6 @@ class ConsoleProgress(TrainerCallback):
             self.selection_s.append(sum(float(logs.get(k, 0.0)) for k in SELECTION_KEYS))
         self.bar.set_postfix_str(self.postfix(), refresh=True)
 
-    def on_prediction_step(self, args, state, control, **kw):  # no eval bar of its own
-        return
-
     def postfix(self) -> str:
         parts = []
         if self._loss is not None and math.isfinite(self._loss):

@@ -365,11 +365,10 @@ class _StopOnNonFinite(TrainerCallback):
         grads = [(n, g) for n, g in grads if g is not None]
         loss = getattr(self.trainer, "_tr_loss", None)  # summed since the last log
         device = grads[0][1].device if grads else torch.device("cpu")
-        flags = [(~torch.isfinite(g)).any().to(device) for _, g in grads]
-        if _loss_scaling(self.trainer):
-            # fp16 loss scaling: overflowing gradients are the scaler's to handle (it skips
-            # the update and lowers the scale); only a non-finite loss stops training
-            flags = []
+        # with fp16 loss scaling, overflowing gradients are the scaler's to handle (it skips
+        # the update and lowers the scale): only a non-finite loss stops training
+        scaled = _loss_scaling(self.trainer)
+        flags = [] if scaled else [(~torch.isfinite(g)).any().to(device) for _, g in grads]
         grad_bad = torch.stack(flags).any() if flags else torch.zeros((), device=device)
         loss_bad = (
             (~torch.isfinite(loss)).any().to(device)
@@ -736,14 +735,11 @@ def _print_summary(cfg: RunConfig, run: Path, train_records, test_out, result, w
     """The end of a run on the console: held-out loss before -> after per source group
     (before: the step-0 point of heldout.jsonl, with eval.at_start), time, peak memory."""
     from .data import source_counts
+    from .runs import heldout_before, read_run
     from .sources import find_small_sources
 
-    before = None
-    curve = run / "heldout.jsonl"
-    if curve.exists():
-        first = json.loads(curve.read_text().splitlines()[0])
-        if first.get("step") == 0:
-            before = first["loss"]
+    measured = heldout_before(read_run(run))  # heldout.jsonl's step 0, with eval.at_start
+    before = {s: loss for s, (loss, _) in measured.items()} if measured else None
     after = (result or {}).get("loss") or {}
     small = find_small_sources(source_counts(train_records), cfg.selector_config().small_sources)
     if after:

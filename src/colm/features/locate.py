@@ -91,10 +91,11 @@ class ValueBlock:
         """The block's part of ``tensor`` (the parameter or a gradient of it)."""
         return tensor.index_select(self.dim, self.index.to(tensor.device))
 
-    def perturbed(self, delta: torch.Tensor) -> torch.Tensor:
-        """A new tensor equal to the parameter with ``delta`` (block-shaped) added
-        to the block. Out of place: the parameter itself is never modified."""
-        p = self.parameter
+    def perturbed(self, delta: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        """A new tensor equal to the parameter (or ``base``, a copy of it in another
+        dtype) with ``delta`` (block-shaped) added to the block. Out of place: the
+        parameter itself is never modified."""
+        p = self.parameter if base is None else base
         return p.index_add(self.dim, self.index.to(p.device), delta.to(p.dtype).reshape(self.shape))
 
     @contextmanager

@@ -246,9 +246,7 @@ class LastBlockReplay:
     def perturbed(self, delta: torch.Tensor) -> torch.Tensor:
         """:meth:`ValueBlock.perturbed` in the replay's dtype: ``delta`` is added in
         fp32 to a half-precision model's block, where bf16 would round it away."""
-        p = self.parameter()
-        b = self.block
-        return p.index_add(b.dim, b.index.to(p.device), delta.to(p.dtype).reshape(b.shape))
+        return self.block.perturbed(delta, base=self.parameter())
 
     @contextmanager
     def _numerics(self, captured: Captured, as_model: bool) -> Iterator[None]:
