@@ -13,27 +13,27 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, sharding
 from .facility import facility_location
 from .features import (
     MOMENTS,
     AdamNormalizer,
     GradientFeatures,
-    adam_features,
-    batch_moments,
+    Moments,
     draw_directions,
     find_value_block,
     lift,
     optimizer_moments,
-    top_dims,
 )
+from .features.table import DenseFeatures, StreamedFeatures
 from .matching import gradient_match
 from .sources import allocate_budget, find_small_sources
 
@@ -100,6 +100,12 @@ class SelectorConfig:
         seed: seeds the selector's own ``torch.Generator``.
         chunk_size: examples per replay chunk (default: the coreset size, so
             selection never holds more activations than the training step).
+        max_feature_mb: the most MiB of features (rows x block size x 4 bytes)
+            selection holds at once; past it the features are streamed a chunk at a
+            time (the same selection, a replay pass more: see
+            :mod:`colm.features.table`). LoRA blocks stay far below it; full
+            fine-tuning of a wide model (the value projection's whole weight, 4M
+            numbers per example in an 8B Llama) streams. ``None``: never stream.
         check_replay: on the first step, verify that the replayed last block
             reproduces the full model's per-example losses.
     """
@@ -119,6 +125,7 @@ class SelectorConfig:
     per_source: bool = True
     seed: int = 0
     chunk_size: int | None = None
+    max_feature_mb: float | None = 256.0
     check_replay: bool = True
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
@@ -150,6 +157,9 @@ class SelectorConfig:
             not isinstance(self.chunk_size, int) or self.chunk_size < 1
         ):
             bad("chunk_size", self.chunk_size, "a positive integer or None")
+        mb = self.max_feature_mb
+        if mb is not None and (isinstance(mb, bool) or not isinstance(mb, (int, float)) or mb < 0):
+            bad("max_feature_mb", mb, "a number of MiB >= 0 (0: always stream) or None")
         b1, b2 = self.adam_betas
         if not (0 <= b1 < 1 and 0 <= b2 < 1):
             bad("adam_betas", self.adam_betas, "two numbers in [0, 1)")
@@ -224,6 +234,18 @@ class Selection:
 
 class SelectionOutOfMemoryError(RuntimeError):
     """Selection ran out of memory; the message names the setting to lower."""
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode (no dropout) inside, every module's mode restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -420,110 +442,149 @@ class CoresetSelector:
             budget = {"*": sum(budget[s] for s in groups if 0 < budget[s] < len(groups[s]))}
 
         rows = [i for ix in need.values() for i in ix]
-        t0 = time.perf_counter()
-        g = self._compute_features(model, batch, rows, b, info, stats)
-        stats["time_features"] = time.perf_counter() - t0
-
-        finite = torch.isfinite(g).all(1)
-        if not bool(finite.all()):
-            stats["nonfinite"] = int((~finite).sum())
-            if not self._warned_nonfinite:
-                warnings.warn(
-                    "some examples have a non-finite loss in selection; they are excluded "
-                    "(counted in stats['nonfinite'])",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-                self._warned_nonfinite = True
-        f = self._normalize(model, g, finite, optimizer) if cfg.adam else g
-        f = torch.where(finite[:, None], f, torch.zeros_like(f))
-
         pos = {i: r for r, i in enumerate(rows)}
-        chosen_rows: list[int] = []
-        for s, ix in need.items():
-            r = torch.tensor([pos[i] for i in ix if bool(finite[pos[i]])], dtype=torch.long)
-            k = min(budget[s], r.numel())
-            if k == 0:
-                continue
-            fs = f[r.to(f.device)]
-            fs = fs[:, top_dims(fs, cfg.topk_dims)]
-            if cfg.method == "match":
-                fit = "fit" if cfg.weights == "cluster" else "uniform"
-                fl = gradient_match(fs, k, weights=fit)
-            else:
-                fl = facility_location(fs, k, metric=cfg.metric)
-            for j, w in zip(fl.indices.tolist(), fl.weights.tolist()):
-                row = int(r[j])
-                chosen_rows.append(row)
-                weight_of[rows[row]] = float(w) if cfg.weights == "cluster" else 1.0
-        if cfg.adam and cfg.moments != "optimizer" and chosen_rows:
-            self.normalizer.update(g[torch.tensor(chosen_rows, device=g.device)])
+        t0 = time.perf_counter()
+        with _eval_mode(model), self._out_of_memory_hint(model, b):
+            table = self._feature_table(model, batch, rows, b, info, stats)
+            moments = self._moments(model, table, optimizer) if cfg.adam else None
+            groups = [[pos[i] for i in ix] for ix in need.values()]
+            per_group = table.source_features(groups, moments, cfg.topk_dims)
+            stats["time_features"] = time.perf_counter() - t0
+            finite = table.finite
+            if not bool(finite.all()):
+                stats["nonfinite"] = int((~finite).sum())
+                if not self._warned_nonfinite:
+                    warnings.warn(
+                        "some examples have a non-finite loss in selection; they are excluded "
+                        "(counted in stats['nonfinite'])",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+                    self._warned_nonfinite = True
+
+            chosen_rows: list[int] = []
+            for s, (r, fs) in zip(need, per_group):
+                k = min(budget[s], r.numel())
+                if k == 0:
+                    continue
+                if cfg.method == "match":
+                    fit = "fit" if cfg.weights == "cluster" else "uniform"
+                    fl = gradient_match(fs, k, weights=fit)
+                else:
+                    fl = facility_location(fs, k, metric=cfg.metric)
+                for j, w in zip(fl.indices.tolist(), fl.weights.tolist()):
+                    row = int(r[j])
+                    chosen_rows.append(row)
+                    weight_of[rows[row]] = float(w) if cfg.weights == "cluster" else 1.0
+            if cfg.adam and cfg.moments != "optimizer" and chosen_rows:
+                self.normalizer.update_means(*table.means(chosen_rows), used=moments)
+        stats["streamed"] = table.streamed
+        stats["feature_passes"] = table.passes
         return weight_of
 
-    def _normalize(self, model, g: torch.Tensor, finite: torch.Tensor, optimizer) -> torch.Tensor:
-        """Adam-normalised features; batch statistics come from the finite rows only."""
+    def _moments(self, model, table, optimizer) -> Moments:
+        """The Adam moments to normalise this step's features with (see ``moments``)."""
         cfg = self.config
-        clean = torch.where(finite[:, None], g, torch.zeros_like(g))
         if cfg.moments != "optimizer":
-            return self.normalizer.normalize(clean, finite)
+            return self.normalizer.moments_for(
+                table.numel, lambda: table.batch_moments(*cfg.adam_betas, cfg.adam_eps)
+            )
         block = self._features.block if self._features is not None else find_value_block(model)
         moments = optimizer_moments(optimizer, block)
         if moments is None:  # before the optimizer's first step: the batch's statistics
-            moments = batch_moments(g[finite], *cfg.adam_betas, cfg.adam_eps)
-        return adam_features(clean, moments)
+            moments = table.batch_moments(*cfg.adam_betas, cfg.adam_eps)
+        return moments
 
-    def _compute_features(self, model, batch, rows: list[int], b: int, info, stats):
-        """Features of ``rows`` of the batch, [len(rows), D]. Under data parallelism each
-        rank computes a contiguous share and the shares are gathered (zo: only the
-        per-direction coefficients travel; they are lifted on every rank)."""
+    def _streams(self, rows: int, numel: int) -> bool:
+        """Whether ``rows`` rows of ``numel`` features exceed ``max_feature_mb``."""
+        budget = self.config.max_feature_mb
+        return budget is not None and rows * numel * 4 > budget * 2**20
+
+    def _feature_table(self, model, batch, rows: list[int], b: int, info, stats):
+        """The features of ``rows`` of the batch: held whole ([len(rows), D]) or, past
+        ``max_feature_mb``, streamed (:mod:`colm.features.table`). Under data
+        parallelism each rank computes a contiguous share: zo coefficients are gathered
+        and lifted on every rank; exact rows are gathered (held whole) or their sums
+        reduced (streamed)."""
         cfg = self.config
         feats = self._features_for(model, b)
         directions = None
         if cfg.feature == "zo":
             # drawn on every rank from identical generator states: identical directions
             directions = draw_directions(cfg.num_directions, feats.numel, self.generator)
-        mine = rows
+        streamed = self._streams(len(rows), feats.numel)
+        mine, start = rows, 0
         if info.active:
             bounds = distributed.share_bounds(len(rows), info.world)
             start, end = bounds[info.rank]
             mine = rows[start:end]
+        real = len(mine)
+        if info.active and feats.replay.sharded:  # FSDP2: the same trunk passes on every rank
+            mine = sharding.even_share(mine, rows, info.world, streamed and cfg.feature == "exact")
         idx = torch.tensor(mine, dtype=torch.long)
         ids = batch["input_ids"][idx]
         am = batch.get("attention_mask")
         am = am[idx] if am is not None else None
         labels = batch.get("labels")
         labels = labels[idx] if labels is not None else ids.masked_fill(am == 0, -100)
-        modes = [(m, m.training) for m in model.modules()]
-        model.eval()
+        if cfg.check_replay and id(model) not in self._checked and len(mine):
+            feats.check(ids, am, labels)
+            self._checked.add(id(model))
+
+        if cfg.feature == "exact" and streamed:
+
+            def exact_chunks(positions: Sequence[int] | None = None) -> Iterator:
+                keep = torch.arange(len(mine))
+                if positions is not None:
+                    wanted = torch.tensor([p - start for p in positions], dtype=torch.long)
+                    keep = wanted[(wanted >= 0) & (wanted < len(mine))]
+                a = am[keep] if am is not None else None
+                for r, g in feats.chunks(ids[keep], a, labels[keep], "exact"):
+                    yield keep[r.cpu()] + start, g
+
+            def reduce(t: torch.Tensor) -> torch.Tensor:
+                if not info.active:
+                    return t
+                stats["comm_bytes"] += (info.world - 1) * t.numel() * t.element_size()
+                return distributed.all_reduce_sum(t, info)
+
+            return StreamedFeatures(exact_chunks, len(rows), feats.numel, reduce)
+
+        local = feats.compute(
+            ids, am, labels, cfg.feature, directions, cfg.eps, lifted=not (info.active or streamed)
+        )[:real]
+        if info.active:
+            counts = [e - s for s, e in bounds]
+            local, received = distributed.gather_rows(local, counts, info)
+            stats["comm_bytes"] += received
+        if cfg.feature == "zo" and streamed:
+            coef, d = local, directions.to(local.device)
+
+            def zo_chunks(positions: Sequence[int] | None = None) -> Iterator:
+                order = torch.arange(len(rows)) if positions is None else torch.tensor(positions)
+                for part in order.split(feats.chunk_size):
+                    yield part, lift(coef[part.to(coef.device)], d)
+
+            return StreamedFeatures(zo_chunks, len(rows), feats.numel)
+        if cfg.feature == "zo" and info.active:
+            local = lift(local, directions.to(local.device))
+        return DenseFeatures(local)
+
+    @contextmanager
+    def _out_of_memory_hint(self, model, b: int) -> Iterator[None]:
+        """Turn running out of memory in selection into an error that says what to lower."""
+        cfg = self.config
         try:
-            if cfg.check_replay and id(model) not in self._checked and len(mine):
-                feats.check(ids, am, labels)
-                self._checked.add(id(model))
-            local = feats.compute(
-                ids, am, labels, cfg.feature, directions, cfg.eps, lifted=not info.active
-            )
+            yield
         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
             if not _is_oom(e):
                 raise
+            chunk = self._features_for(model, b).chunk_size
             raise SelectionOutOfMemoryError(
-                f"out of memory computing {cfg.feature!r} features for {len(mine)} examples in "
-                f"chunks of {feats.chunk_size}: lower the selector's chunk_size (now "
-                f"{feats.chunk_size}; selector.chunk_size in a run config)"
-                + (
-                    ""
-                    if cfg.feature == "zo"
-                    else ", or use feature='zo', which needs no backward pass"
-                )
-                + "; the selection memory grows with chunk_size x sequence length"
+                f"out of memory computing {cfg.feature!r} features in chunks of {chunk}: lower "
+                f"the selector's chunk_size (now {chunk}; selector.chunk_size in a run config)"
+                + ("" if cfg.feature == "zo" else ", or use feature='zo', which needs no backward")
+                + "; selection memory grows with chunk_size x sequence length, and with the "
+                "features held, rows x block size, which max_feature_mb (now "
+                f"{cfg.max_feature_mb}) bounds by streaming them"
             ) from e
-        finally:
-            for m, mode in modes:
-                m.training = mode
-        if not info.active:
-            return local
-        counts = [e - s for s, e in bounds]
-        gathered, received = distributed.gather_rows(local, counts, info)
-        stats["comm_bytes"] += received
-        if cfg.feature == "zo":
-            return lift(gathered, directions.to(gathered.device))
-        return gathered

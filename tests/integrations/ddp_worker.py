@@ -136,6 +136,7 @@ def run_loop(a, rank: int, world: int) -> dict:
         # a BLAS call's rounding can depend on how many rows it gets; with one row per call
         # the features are bitwise those of one process, so the picks can be compared
         chunk_size=1,
+        max_feature_mb=a.max_feature_mb,
         small_sources=small,
         weights=a.weights,
         moments=a.moments,
@@ -172,6 +173,7 @@ def main() -> None:
     p.add_argument("--weights", default="uniform")
     p.add_argument("--moments", default="fresh")
     p.add_argument("--case", default="")
+    p.add_argument("--max-feature-mb", type=float, default=256.0)
     p.add_argument("--coreset", type=int, default=0)
     p.add_argument("--save-steps", type=int, default=0)
     p.add_argument("--resume", default="")

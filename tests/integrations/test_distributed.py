@@ -144,6 +144,19 @@ def test_loop_two_processes_exact_cluster_weights_as_one(tmp_path):
     assert any(w != 1.0 for s in one["steps"] for w in s["weights"])
 
 
+def test_loop_two_processes_streamed_exact_features_as_one(tmp_path):
+    """Streamed features (max_feature_mb=0): each rank streams its share of the rows and
+    the per-source sums, finite flags and kept values are summed over the ranks; the
+    warm moments' batch statistics too."""
+    args = ["--mode", "loop", "--steps", "3", "--feature", "exact", "--max-feature-mb", "0"]
+    args += ["--moments", "warm"]
+    one = launch(tmp_path / "one", 1, *args)[0]
+    two = launch(tmp_path / "two", 2, *args)
+    assert_same_run(one, two)
+    held = launch(tmp_path / "held", 1, *args[:-4], "--moments", "warm")[0]
+    assert_same_run(held, two)  # and as the features held whole
+
+
 def test_edge_batches_do_not_hang(tmp_path):
     """3 processes; even steps: small sources alone exceed the coreset; odd steps: only
     2 examples need features, so the third rank computes none."""

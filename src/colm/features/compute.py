@@ -80,6 +80,34 @@ class GradientFeatures:
         / q, see :func:`lift`). Rows with a non-finite loss come out non-finite; the
         caller decides what to do with them.
         """
+        device = self.block.parameter.device
+        parts, where = [], []
+        for rows, part in self.chunks(
+            input_ids, attention_mask, labels, kind, directions, eps, lifted
+        ):
+            parts.append(part)
+            where.append(rows)
+        if parts:
+            out = torch.empty_like(torch.cat(parts))
+            out[torch.cat(where).to(out.device)] = torch.cat(parts)
+            return out
+        width = self.numel if kind == "exact" or lifted else directions.shape[0]
+        return torch.zeros(0, width, device=device)
+
+    def chunks(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor,
+        kind: str = "zo",
+        directions: torch.Tensor | None = None,
+        eps: float = 1e-3,
+        lifted: bool = True,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The features of :meth:`compute` one chunk at a time: (row indices [c], features
+        [c, width]), chunks of rows of similar length, so that at most ``chunk_size``
+        rows of features exist at once (what streamed selection relies on). The same
+        inputs give the same chunks, bitwise, every time."""
         if kind not in FEATURE_KINDS:
             raise ValueError(f"feature kind must be one of {FEATURE_KINDS}, got {kind!r}")
         if kind == "zo" and (directions is None or directions.shape[1] != self.numel):
@@ -87,7 +115,6 @@ class GradientFeatures:
         device = self.block.parameter.device
         # chunks of rows of similar length, so that little of each chunk is padding
         order = _by_length(attention_mask, labels)
-        parts = []
         with self.replay.upcast():  # fp32 copies of a half-precision block, for all chunks
             for sl in _chunks(input_ids.shape[0], self.chunk_size):
                 rows = order[sl]
@@ -99,16 +126,11 @@ class GradientFeatures:
                 captured = self.replay.capture(ids, am)
                 if kind == "zo":
                     coef = zo_coefficients(self.replay, captured, lab, directions, eps)
-                    parts.append(lift(coef, directions) if lifted else coef)
+                    part = lift(coef, directions) if lifted else coef
                 else:
-                    parts.append(exact_gradients(self.replay, captured, lab)[0])
+                    part = exact_gradients(self.replay, captured, lab)[0]
                 del captured
-        if parts:
-            out = torch.empty_like(torch.cat(parts))
-            out[order.to(out.device)] = torch.cat(parts)
-            return out
-        width = self.numel if kind == "exact" or lifted else directions.shape[0]
-        return torch.zeros(0, width, device=device)
+                yield rows, part
 
 
 def _by_length(attention_mask, labels) -> torch.Tensor:

@@ -26,6 +26,7 @@ b1 m + (1 - b1) mean(g_sel) and b2 v + (1 - b2) mean(g_sel^2).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -90,13 +91,19 @@ class AdamNormalizer:
     def moments(self, g: torch.Tensor, rows: torch.Tensor | None = None) -> Moments:
         """The moments to normalise ``g`` [n, D] with at this step (a warm start takes
         the statistics of ``rows`` of ``g``, default all)."""
-        self._check(g.shape[1])
+        return self.moments_for(
+            g.shape[1],
+            lambda: batch_moments(g if rows is None else g[rows], self.beta1, self.beta2, self.eps),
+        )
+
+    def moments_for(self, numel: int, batch: Callable[[], Moments]) -> Moments:
+        """The moments for features of ``numel`` coordinates at this step; ``batch()``
+        gives the batch's own statistics, called only when a warm start needs them."""
+        self._check(numel)
         if self.m is None:
             if self.warm:
-                return batch_moments(
-                    g if rows is None else g[rows], self.beta1, self.beta2, self.eps
-                )
-            zero = torch.zeros(g.shape[1], dtype=torch.float32)
+                return batch()
+            zero = torch.zeros(numel, dtype=torch.float32)
             return Moments(zero, zero, self.beta1, self.beta2, self.eps, 1)
         step = None if self.warm else self.step + 1
         return Moments(self.m, self.v, self.beta1, self.beta2, self.eps, step)
@@ -113,11 +120,19 @@ class AdamNormalizer:
             return
         g = g_selected.float()
         # the moments the features were normalised with (warm start: the whole batch's)
-        base = self._used if self._used is not None else self.moments(g)
+        self.update_means(g.mean(0), (g * g).mean(0), self._used or self.moments(g))
+
+    def update_means(
+        self, mean: torch.Tensor, mean_sq: torch.Tensor, used: Moments | None = None
+    ) -> None:
+        """:meth:`update` from the selected examples' mean g and mean g^2 [D]; ``used``:
+        the moments their features were normalised with (default: those of the last
+        :meth:`normalize`)."""
+        base = used or self._used or self.moments_for(mean.numel(), _no_batch)
         self._used = None
-        m, v = base.m.to(g.device, torch.float32), base.v.to(g.device, torch.float32)
-        self.m = (self.beta1 * m + (1 - self.beta1) * g.mean(0)).cpu()
-        self.v = (self.beta2 * v + (1 - self.beta2) * (g * g).mean(0)).cpu()
+        m, v = base.m.to(mean.device, torch.float32), base.v.to(mean.device, torch.float32)
+        self.m = (self.beta1 * m + (1 - self.beta1) * mean.float()).cpu()
+        self.v = (self.beta2 * v + (1 - self.beta2) * mean_sq.float()).cpu()
         self.step += 1
 
     def state_dict(self) -> dict:
@@ -131,6 +146,13 @@ class AdamNormalizer:
                 "the SelectorConfig.moments the state was saved with"
             )
         self.m, self.v, self.step = state["m"], state["v"], int(state["step"])
+
+
+def _no_batch() -> Moments:
+    raise ValueError(
+        "a warm-started AdamNormalizer was updated before its first normalize(): it has "
+        "no batch statistics to start from"
+    )
 
 
 def optimizer_moments(optimizer, block) -> Moments | None:
@@ -170,7 +192,16 @@ def optimizer_moments(optimizer, block) -> Moments | None:
 
 
 def top_dims(features: torch.Tensor, h: int) -> torch.Tensor:
-    """Indices (ascending) of the ``h`` coordinates with the largest |mean| over rows."""
-    h = min(h, features.shape[1])
-    score = features.mean(0).abs()
-    return torch.topk(score, h, sorted=False).indices.sort().values
+    """Indices (ascending) of the ``h`` coordinates with the largest |mean| over rows.
+
+    The means are ranked by their sums in float64, in which a sum of float32 rows of
+    similar magnitude is exact whatever the order of the additions: the ranking,
+    ties included, does not depend on how the rows were summed (streamed selection
+    sums them a chunk at a time, :mod:`colm.features.table`)."""
+    return top_of(features.sum(0, dtype=torch.float64), h)
+
+
+def top_of(sums: torch.Tensor, h: int) -> torch.Tensor:
+    """Indices (ascending) of the ``h`` largest |sums| (see :func:`top_dims`)."""
+    h = min(h, sums.shape[-1])
+    return torch.topk(sums.abs(), h, sorted=False).indices.sort().values

@@ -48,6 +48,14 @@ def zo_coefficients(
 
 
 def lift(coefficients: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
-    """Features g [B, D] = mean over directions of coefficient * z."""
+    """Features g [B, D] = mean over directions of coefficient * z.
+
+    Summed one direction at a time (not a matrix product), so that a row's features
+    are the same bitwise however many rows are lifted together (streamed selection
+    lifts a chunk at a time)."""
     d = directions.to(coefficients.device)
-    return coefficients.float() @ d / d.shape[0]
+    c = coefficients.float()
+    out = c[:, :1] * d[0]
+    for j in range(1, d.shape[0]):
+        out += c[:, j : j + 1] * d[j]
+    return out / d.shape[0]
