@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..sharding import full, model_sharding, refuse_unsupported, tensor_sharding
+
 # Attribute names of a separate value projection inside an attention module.
 _SEPARATE_V = ("v_proj", "value", "v", "W_v", "wv", "v_linear")
 # Fused projections: attribute name -> layout of its output features.
@@ -88,7 +90,10 @@ class ValueBlock:
         return n
 
     def view(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The block's part of ``tensor`` (the parameter or a gradient of it)."""
+        """The block's part of ``tensor`` (the parameter, a gradient or an optimizer
+        moment of it), whole: under FSDP2 a sharded ``tensor`` is all-gathered first
+        (a collective)."""
+        tensor = full(tensor)
         return tensor.index_select(self.dim, self.index.to(tensor.device))
 
     def perturbed(self, delta: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
@@ -287,24 +292,6 @@ def _refuse_other_adapter(proj: nn.Module, full_proj_name: str, short: str) -> N
     )
 
 
-def _refuse_sharded(parameter: torch.Tensor, name: str) -> None:
-    """FSDP and DeepSpeed ZeRO-3 keep only a shard of each parameter on a rank; the
-    replay needs the whole last block."""
-    sharded = (
-        hasattr(parameter, "ds_numel")  # ZeRO-3 partitioned parameter
-        or type(parameter).__name__ == "DTensor"  # FSDP2
-        or isinstance(getattr(parameter, "data", None), torch.Tensor)
-        and type(parameter.data).__name__ == "DTensor"
-        or parameter.numel() == 0  # FSDP1 with the flat parameter sharded away
-    )
-    if sharded:
-        raise BlockNotFoundError(
-            f"{name} is sharded across processes (FSDP or DeepSpeed ZeRO-3); colm's gradient "
-            "features replay the whole last block. Use DDP or DeepSpeed ZeRO-1/2, or "
-            "random selection"
-        )
-
-
 def find_value_block(model: nn.Module) -> ValueBlock:
     """Locate the value projection of the last transformer block of ``model``.
 
@@ -367,7 +354,8 @@ def find_value_block(model: nn.Module) -> ValueBlock:
         dim = 1 if type(base).__name__ == "Conv1D" else 0
         out_features = parameter.shape[dim]
 
-    _refuse_sharded(parameter, module_name)
+    # FSDP2 (DTensor parameters) is gathered for the replay; FSDP1 and ZeRO-3 are refused
+    refuse_unsupported(tensor_sharding(parameter) or model_sharding(model), module_name)
     if layout is None:
         index = torch.arange(out_features)
     else:

@@ -29,6 +29,7 @@ are replayed as before, with no copies.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from .. import sharding
 from .locate import ValueBlock, _unwrap
 
 IGNORE_INDEX = -100
@@ -93,12 +95,18 @@ def _is_half(t: torch.Tensor) -> bool:
     return t.is_floating_point() and t.element_size() < 4
 
 
-def _float_state(module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _float_state(
+    module: nn.Module, dtype: torch.dtype, whole: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """Copies in ``dtype`` of ``module``'s floating parameters and buffers, by name
     relative to ``module`` (for ``functional_call``); detached, so selection never
-    builds a graph into the real weights."""
-    state = dict(module.named_parameters(remove_duplicate=False))
-    state.update(module.named_buffers(remove_duplicate=False))
+    builds a graph into the real weights. ``whole``: the module's tensors gathered
+    from a sharded model (:func:`colm.sharding.full_tensors`), used instead."""
+    if whole is not None:
+        state = dict(whole)
+    else:
+        state = dict(module.named_parameters(remove_duplicate=False))
+        state.update(module.named_buffers(remove_duplicate=False))
     return {k: v.detach().to(dtype) for k, v in state.items() if v.is_floating_point()}
 
 
@@ -204,32 +212,72 @@ class LastBlockReplay:
             )
             self.dtype = None
         self._state: dict[str, dict[str, torch.Tensor]] | None = None
+        # FSDP2: the replayed modules' parameters are DTensor shards; the replay gathers
+        # them whole (see colm.sharding) and never runs FSDP's hooks
+        self.sharded = sharding.model_sharding(model) == sharding.FSDP2
+        if self.sharded:
+            sharding.check_replayable(
+                [block.layer, self.norm, self.head], dora=block._dora_layer() is not None
+            )
+        self._whole: dict[str, dict[str, torch.Tensor]] | None = None
+        self._held = False
+        self.gathered_bytes = 0  # bytes of whole tensors the last gather held (sharded)
 
     # -- precision -----------------------------------------------------------
     @contextmanager
     def upcast(self) -> Iterator[None]:
-        """Keep the fp32 copies of the last block and final norm for the replays
-        inside (one selection step's chunks), instead of making them per replay.
-        A no-op for models whose weights are fp32 already."""
-        if self.dtype is None or self._state is not None:
+        """Hold what the replays inside (one selection step's chunks) compute with,
+        instead of making it per replay: the fp32 copies of the last block and final
+        norm of a half-precision model, and, for a model sharded by FSDP2, the whole
+        parameters of the last block, final norm and head, gathered on entry (a
+        collective: every rank enters) and freed on exit. A no-op for an unsharded
+        model whose weights are fp32 already."""
+        if self._held or (self.dtype is None and not self.sharded):
             yield
             return
-        self._state = self._make_state()
+        if self.sharded:
+            self._whole = self._gather()
+        if self.dtype is not None:
+            self._state = self._make_state()
+        self._held = True
         try:
             yield
         finally:
             self._state = None
+            self._whole = None
+            self._held = False
+
+    def _gather(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The whole parameters and buffers of the last block, final norm and head
+        of a sharded model, in the model's dtype (all-gathers, in a fixed order)."""
+        parts = {"layer": self.block.layer, "norm": self.norm, "head": self.head}
+        whole = {k: sharding.full_tensors(m) for k, m in parts.items() if m is not None}
+        self.gathered_bytes = sum(sharding.nbytes(t) for t in whole.values())
+        return whole
+
+    def _whole_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The gathered whole tensors: those of :meth:`upcast`, or gathered for this
+        replay only."""
+        return self._whole if self._whole is not None else self._gather()
+
+    def _call(self, module: nn.Module, weights: dict[str, torch.Tensor], args, kwargs=None) -> Any:
+        """``module`` run with ``weights`` substituted; on a sharded model without its
+        own FSDP hooks (the weights are whole already)."""
+        if self.sharded:
+            return sharding.call_unhooked(module, weights, args, kwargs)
+        return functional_call(module, weights, args, kwargs or {}, strict=False)
 
     def _fp32_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """The fp32 copies: those of :meth:`upcast`, or made for this replay only."""
         return self._state if self._state is not None else self._make_state()
 
     def _make_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        state = {"layer": _float_state(self.block.layer, self.dtype)}
+        whole = self._whole_state() if self.sharded else {}
+        state = {"layer": _float_state(self.block.layer, self.dtype, whole.get("layer"))}
         if self.norm is not None:
-            state["norm"] = _float_state(self.norm, self.dtype)
+            state["norm"] = _float_state(self.norm, self.dtype, whole.get("norm"))
         if not self._slab_head():
-            state["head"] = _float_state(self.head, self.dtype)
+            state["head"] = _float_state(self.head, self.dtype, whole.get("head"))
         return state
 
     def _slab_head(self) -> bool:
@@ -239,8 +287,12 @@ class LastBlockReplay:
 
     def parameter(self) -> torch.Tensor:
         """The block's parameter as the replay computes with it (fp32 for a
-        half-precision model; the parameter itself otherwise)."""
-        p = self.block.parameter
+        half-precision model; the parameter itself otherwise; whole, on a sharded
+        model)."""
+        if self.sharded:
+            p = self._whole_state()["layer"][self.block.param_name]
+        else:
+            p = self.block.parameter
         return p if self.dtype is None else p.detach().to(self.dtype)
 
     def perturbed(self, delta: torch.Tensor) -> torch.Tensor:
@@ -276,12 +328,16 @@ class LastBlockReplay:
                 store["autocast"] = (device, torch.get_autocast_dtype(device))
             raise _StopForward
 
-        handle = self.block.layer.register_forward_pre_hook(hook, with_kwargs=True)
+        # on a sharded model, stop before FSDP's own pre-hook gathers the last block
+        handle = self.block.layer.register_forward_pre_hook(
+            hook, with_kwargs=True, prepend=self.sharded
+        )
         try:
             with _no_checkpointing(self.block.layer):  # stop before any checkpoint is set up
                 self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         except _StopForward:
-            pass
+            if self.sharded:
+                sharding.end_interrupted_forward(self.model)
         finally:
             handle.remove()
         if "args" not in store:
@@ -313,17 +369,24 @@ class LastBlockReplay:
         weights = dict(overrides or {})
         if dtype is not None:
             weights = {**self._fp32_state()["layer"], **weights}
+        elif self.sharded:
+            weights = {**self._whole_state()["layer"], **weights}
         with (
             self._numerics(captured, as_model),
             self.block.frozen_dora_norm(),
             _no_checkpointing(self.block.layer),
         ):
-            out = functional_call(self.block.layer, weights, args, kwargs, strict=False)
+            out = self._call(self.block.layer, weights, args, kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
 
     def logits(self, hidden: torch.Tensor, as_model: bool = False) -> torch.Tensor:
         """Final norm + LM head (+ the model's logit scaling), in float32."""
-        if as_model or self.dtype is None:
+        if (as_model or self.dtype is None) and self.sharded:
+            whole = self._whole_state()
+            if self.norm is not None:
+                hidden = self._call(self.norm, whole["norm"], (hidden,))
+            logits = self._call(self.head, whole["head"], (hidden,)).float()
+        elif as_model or self.dtype is None:
             if self.norm is not None:
                 hidden = self.norm(hidden)
             logits = self.head(hidden).float()
@@ -331,15 +394,20 @@ class LastBlockReplay:
             state = self._fp32_state()
             hidden = hidden.to(self.dtype)
             if self.norm is not None:
-                hidden = functional_call(self.norm, state["norm"], (hidden,))
+                hidden = self._call(self.norm, state["norm"], (hidden,))
             if self._slab_head():
-                w = self.head.weight
+                head = (
+                    self._whole_state()["head"]
+                    if self.sharded
+                    else dict(self.head.named_parameters())
+                )
+                w = head["weight"]
                 rows = max(1, HEAD_SLAB_BYTES // (w.shape[1] * hidden.element_size()))
                 logits = _SlabLinear.apply(hidden, w, rows)
-                if self.head.bias is not None:
-                    logits = logits + self.head.bias.to(self.dtype)
+                if head.get("bias") is not None:
+                    logits = logits + head["bias"].to(self.dtype)
             else:
-                logits = functional_call(self.head, state["head"], (hidden,))
+                logits = self._call(self.head, state["head"], (hidden,))
         if self.logit_scale is not None:
             logits = logits * self.logit_scale
         if self.logits_scaling is not None:
@@ -415,7 +483,9 @@ def check_replay(
     compares structure, not precision.
     """
     ref = full_model_losses(replay.model, input_ids, attention_mask, labels)
-    got = replay.losses(replay.capture(input_ids, attention_mask), labels, as_model=True)
+    # a sharded model's last block, norm and head: gathered once for the check
+    with replay.upcast() if replay.sharded else contextlib.nullcontext():
+        got = replay.losses(replay.capture(input_ids, attention_mask), labels, as_model=True)
     diff = (ref - got).abs()
     if not torch.all(diff <= atol + rtol * ref.abs()):
         raise ReplayMismatchError(

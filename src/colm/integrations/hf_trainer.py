@@ -27,8 +27,9 @@ For ``colm`` and ``random`` the training data loader is not sharded: every
 rank loads the same global micro-batches, computes features for its share,
 and all agree on one coreset (:mod:`colm.distributed`); each rank then trains
 on an equal share of it. The coreset must be a multiple of the number of
-processes. FSDP and ZeRO-3 shard the last block's parameters, which the
-features replay, and are refused for ``colm``.
+processes. FSDP and ZeRO-3 are refused for ``colm`` in the Trainer (see
+:func:`_refuse_sharded_parameters` for why); FSDP2 works with the plain loop
+(:mod:`colm.integrations.loop`, :mod:`colm.sharding`).
 """
 
 from __future__ import annotations
@@ -368,22 +369,39 @@ def load_selector_state(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _refuse_sharded_parameters(trainer) -> None:
-    """FSDP and ZeRO-3 shard every parameter, the last block's included, which the
-    features replay; ZeRO-1/2 shard only optimizer state and gradients."""
+    """Refuse FSDP and ZeRO-3 under ``colm_method="colm"`` in the Trainer, saying why
+    and what works. ZeRO-1/2 shard only optimizer state and gradients, which
+    selection never reads, and pass.
+
+    FSDP: accelerate wraps the model in FSDP1 unless told ``fsdp_version=2``, whose
+    flat parameter buffers colm does not gather; and accelerate runs FSDP only on GPUs
+    and other accelerators (on a CPU it ignores the FSDP plugin and trains with DDP),
+    so the Trainer under FSDP2 cannot be tested here and is refused too. ZeRO-3:
+    DeepSpeed gathers each module's parameters in its own hooks, around every
+    forward, which colm's replay of the last block does not go through."""
+    works = (
+        "What works: FSDP2 (torch.distributed.fsdp.fully_shard on each decoder layer and "
+        "the model) with the plain loop colm.integrations.loop.coreset_step, which gathers "
+        "only the last block, final norm and head for selection (tested on 2 processes, "
+        "tests/integrations/test_fsdp.py); in the Trainer, DDP or DeepSpeed ZeRO-1/2; or "
+        "colm_method='random'"
+    )
     if getattr(trainer, "is_fsdp_enabled", False):
         raise ValueError(
-            "colm feature selection does not support FSDP: it shards the last block's "
-            "parameters that the gradient features replay. Use DDP or DeepSpeed ZeRO-1/2 "
-            "(optimizer and gradient sharding), or colm_method='random'"
+            "colm feature selection does not support FSDP in CoLMTrainer: accelerate's "
+            "default FSDP1 keeps parameters in flat buffers that colm does not gather for the "
+            "replay of the last block, and the Trainer under FSDP2 is untested because "
+            "accelerate runs FSDP only on GPUs (on a CPU it ignores the FSDP plugin). " + works
         )
     if getattr(trainer, "is_deepspeed_enabled", False):
         plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
         stage = getattr(plugin, "zero_stage", None)
         if stage == 3:
             raise ValueError(
-                "colm feature selection does not support DeepSpeed ZeRO-3: it shards the last "
-                "block's parameters that the gradient features replay. Use ZeRO stage 1 or 2, "
-                "or colm_method='random'"
+                "colm feature selection does not support DeepSpeed ZeRO-3: ZeRO-3 partitions "
+                "every parameter and gathers a module's only inside DeepSpeed's hooks around "
+                "its forward, and colm's replay of the last block runs outside them (ZeRO "
+                "stages 1 and 2 shard only optimizer state and gradients, and work). " + works
             )
 
 

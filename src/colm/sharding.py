@@ -1,0 +1,223 @@
+"""Gradient features of a sharded model: FSDP2 (``fully_shard``), and why not FSDP1 / ZeRO-3.
+
+Under FSDP2 every rank holds a shard of each parameter (a ``DTensor``) and a
+wrapped module gathers its parameters in its forward pre-hook and frees them
+after. Selection needs whole tensors of only three parts of the model: the last
+transformer block, the final norm and the LM head (the replay of
+:mod:`colm.features.replay`). So:
+
+- the trunk pass that captures the last block's inputs runs through the sharded
+  model as usual, stopped before the last block gathers anything; FSDP's
+  per-iteration state is then reset (``FSDPModule.reset_iter_state``), as after
+  any forward that ended in an exception;
+- :func:`full_tensors` gathers the whole parameters and buffers of those three
+  parts (one all-gather per sharded tensor), once per selection step; the replay
+  holds them while it computes the step's features and drops them after, so they
+  are freed: the rest of the model is never gathered by selection;
+- the replay calls those modules' ``forward`` directly (:func:`call_unhooked`), so
+  FSDP's hooks, which would gather again and reduce gradients, never run in it.
+
+Every all-gather is a collective: all ranks must make the same calls in the
+same order. The selector makes sure of it by giving every rank the same number
+of rows to compute (:func:`even_share`), so all ranks run the same trunk passes
+and gather the same tensors, whatever their share of the batch.
+
+FSDP1 (``FullyShardedDataParallel``, which accelerate configures for the
+Trainer by default) keeps parameters in flat buffers whose shards are views,
+and DeepSpeed ZeRO-3 partitions parameters behind its own hooks; both are
+refused with a message naming what works (:func:`refuse_unsupported`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+FSDP2 = "fsdp2"
+FSDP1 = "fsdp1"
+ZERO3 = "zero3"
+
+# what works, for the messages that refuse the other sharding modes
+_WHAT_WORKS = (
+    "colm's gradient features work with FSDP2 (torch.distributed.fsdp.fully_shard on each "
+    "decoder layer, then on the model), DDP and DeepSpeed ZeRO-1/2; with any sharding, "
+    "method='random' and 'random_big' need no features"
+)
+
+
+def _is_dtensor(t: Any) -> bool:
+    return type(t).__name__ == "DTensor" or (
+        isinstance(getattr(t, "data", None), torch.Tensor) and type(t.data).__name__ == "DTensor"
+    )
+
+
+def tensor_sharding(t: torch.Tensor) -> str | None:
+    """How one parameter is sharded: ``"fsdp2"`` (a DTensor), ``"zero3"`` (a DeepSpeed
+    ZeRO-3 partitioned parameter), ``"fsdp1"`` (FSDP1's flat parameter sharded away or
+    a view of one), or None (a whole tensor)."""
+    if hasattr(t, "ds_numel") or hasattr(t, "ds_id"):
+        return ZERO3
+    if _is_dtensor(t):
+        return FSDP2
+    if getattr(t, "_is_flat_param", False) or t.numel() == 0:
+        return FSDP1
+    return None
+
+
+def model_sharding(model: nn.Module) -> str | None:
+    """How ``model`` is sharded (see :func:`tensor_sharding`), from its modules and
+    parameters; None when it is not (plain, DDP, DeepSpeed ZeRO-1/2)."""
+    for module in model.modules():
+        kind = type(module).__name__
+        if kind == "FullyShardedDataParallel":
+            return FSDP1
+        if any(c.__name__ == "FSDPModule" for c in type(module).__mro__):
+            return FSDP2
+    for p in model.parameters():
+        kind = tensor_sharding(p)
+        if kind is not None:
+            return kind
+    return None
+
+
+def refuse_unsupported(kind: str | None, name: str) -> None:
+    """Raise for the sharding modes whose parameters colm does not gather for the
+    replay (FSDP1, ZeRO-3), saying why and what works instead."""
+    from .features.locate import BlockNotFoundError
+
+    if kind == FSDP1:
+        raise BlockNotFoundError(
+            f"{name} is sharded across processes by FSDP1 (FullyShardedDataParallel, the FSDP "
+            "that accelerate and the Trainer use unless told fsdp_version=2): FSDP1 keeps "
+            "parameters in flat buffers, and colm gathers the last block, final norm and head "
+            "for its replay only from FSDP2's per-parameter shards. " + _WHAT_WORKS
+        )
+    if kind == ZERO3:
+        raise BlockNotFoundError(
+            f"{name} is sharded across processes by DeepSpeed ZeRO-3, which gathers a "
+            "module's parameters only inside its own hooks around that module's forward; "
+            "colm's replay of the last block runs outside them. " + _WHAT_WORKS
+        )
+
+
+def check_replayable(modules: Sequence[nn.Module | None], dora: bool) -> None:
+    """Under FSDP2 the replayed modules (last block, final norm, head) must each be
+    inside one FSDP unit: a unit wrapped around part of them would gather in the
+    replay, on some ranks only. DoRA (``dora``) is refused: the replay reads its
+    weight norm from the module itself, outside the functional call."""
+    from .features.locate import BlockNotFoundError
+
+    for module in modules:
+        if module is None:
+            continue
+        for name, sub in module.named_modules():
+            if name and _is_fsdp_module(sub):
+                raise BlockNotFoundError(
+                    f"{type(sub).__name__} {name!r} inside {type(module).__name__} is wrapped "
+                    "by fully_shard on its own; colm gathers the last decoder layer, the "
+                    "final norm and the LM head whole: apply fully_shard to whole decoder "
+                    "layers (and the model), not to modules inside them"
+                )
+    if dora:
+        raise BlockNotFoundError(
+            "DoRA (LoraConfig(use_dora=True)) is not supported on a model sharded by FSDP2: "
+            "colm's replay reads DoRA's weight norm from the module itself. Use plain LoRA "
+            "under FSDP2, or DoRA under DDP"
+        )
+
+
+def _is_fsdp_module(module: nn.Module) -> bool:
+    return any(c.__name__ == "FSDPModule" for c in type(module).__mro__)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """``t`` whole: a DTensor all-gathered (a collective), else ``t`` itself."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def full_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``module`` by name, whole and detached, in memory
+    of their own, for ``functional_call``. A collective under FSDP2: every rank must
+    call it with the same modules in the same order. A parameter FSDP holds unsharded
+    at the time (after a forward) is copied: FSDP frees that memory when it reshards."""
+    named = itertools.chain(module.named_parameters(), module.named_buffers())
+    return {
+        name: t.detach().full_tensor() if _is_dtensor(t) else t.detach().clone()
+        for name, t in named
+    }
+
+
+def nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Bytes held by ``tensors`` (what one rank gathered)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+class _Direct(nn.Module):
+    """Calls ``inner.forward`` itself, not ``inner(...)``: FSDP's forward hooks on
+    ``inner`` (gather, reshard, backward registration) do not run."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner.forward(*args, **kwargs)
+
+
+def call_unhooked(
+    module: nn.Module,
+    weights: dict[str, torch.Tensor],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any] | None = None,
+) -> Any:
+    """``functional_call(module, weights, args, kwargs)`` without ``module``'s own
+    forward hooks (FSDP2's). ``weights`` must hold every parameter and buffer of
+    ``module`` that the forward reads, whole (see :func:`full_tensors`); hooks of
+    modules inside it still run."""
+    direct = _Direct(module)
+    prefixed = {f"inner.{k}": v for k, v in weights.items()}
+    return functional_call(direct, prefixed, args, kwargs or {}, strict=False)
+
+
+def fsdp_root(model: nn.Module) -> nn.Module | None:
+    """The outermost FSDP2 module of ``model`` (the one ``fully_shard`` was applied
+    to last), or None."""
+    return next((m for m in model.modules() if _is_fsdp_module(m)), None)
+
+
+def end_interrupted_forward(model: nn.Module) -> None:
+    """Reset FSDP2's per-iteration state after a forward that was stopped by an
+    exception (the trunk pass of :meth:`LastBlockReplay.capture`): the units it
+    gathered are resharded and the next forward starts clean. A no-op without FSDP2."""
+    root = fsdp_root(model)
+    if root is None:
+        return
+    reset = getattr(root, "reset_iter_state", None)
+    if reset is not None:
+        reset()
+        return
+    # torch before reset_iter_state: complete the root's forward as its post-hook would
+    state = root._get_fsdp_state()
+    state._post_forward(root, (), None)
+
+
+def even_share(mine: list[int], rows: Sequence[int], world: int, streamed: bool) -> list[int]:
+    """``mine`` padded with copies of a row to ``ceil(len(rows) / world)`` rows, the
+    largest share: under FSDP2 every rank must run the same trunk passes, as each pass
+    all-gathers the layers. The caller drops the features of the padding rows.
+    ``streamed``: exact features streamed in several passes over chunks of different
+    sizes per rank, which cannot be kept in step, and are refused."""
+    if streamed:
+        raise ValueError(
+            "streamed exact features (the block's features exceed max_feature_mb) are not "
+            "supported on a model sharded by FSDP2: raise SelectorConfig.max_feature_mb, "
+            "or use feature='zo', whose features are never streamed per rank"
+        )
+    size = -(-len(rows) // world)
+    pad = mine[-1] if mine else rows[0]
+    return list(mine) + [pad] * (size - len(mine))
