@@ -132,6 +132,40 @@ def run_loop(a, rank: int, world: int) -> dict:
     }
 
 
+def probe_trainer_fsdp(a) -> dict:
+    """What the Trainer does with ``fsdp="full_shard"`` on a CPU: one step of a plain
+    Trainer, and what accelerate made of the FSDP request."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from tests.conftest import collate_rows, make_rows
+
+    args = TrainingArguments(
+        output_dir=a.out + "/trainer",
+        per_device_train_batch_size=4,
+        max_steps=1,
+        report_to=[],
+        use_cpu=True,
+        ddp_backend="gloo",
+        remove_unused_columns=False,
+        save_strategy="no",
+        fsdp="full_shard",
+    )
+    rows = [{k: v for k, v in r.items() if k != "source"} for r in make_rows(16)]
+    trainer = Trainer(
+        model=_model(), args=args, train_dataset=Dataset.from_list(rows), data_collator=collate_rows
+    )
+    trainer.train()
+    return {
+        "is_fsdp_enabled": bool(trainer.is_fsdp_enabled),
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "wrapped": type(trainer.model_wrapped).__name__,
+        "sharded_parameters": sum(
+            tensor_sharding(p) is not None for p in trainer.model.parameters()
+        ),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -139,6 +173,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16, help="global source batch size")
     p.add_argument("--shard", choices=["none", "fsdp2", "fsdp1"], default="none")
     p.add_argument("--case", default="")
+    p.add_argument("--probe-trainer-fsdp", action="store_true")
     p.add_argument("--also-plain", action="store_true", help="then run the unsharded model")
     p.add_argument("--coreset", type=int, default=0)
     p.add_argument("--feature", default="zo")
@@ -149,16 +184,20 @@ def main() -> None:
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    torch.distributed.init_process_group("gloo")
-    result = run_loop(a, rank, world)
+    if a.probe_trainer_fsdp:  # the Trainer sets up the process group itself
+        result = probe_trainer_fsdp(a)
+    else:
+        torch.distributed.init_process_group("gloo")
+        result = run_loop(a, rank, world)
     if a.also_plain:  # the same run on the unsharded model, in this process
         result["plain"] = run_loop(argparse.Namespace(**{**vars(a), "shard": "none"}), rank, world)
     result["world"] = world
     Path(a.out).mkdir(parents=True, exist_ok=True)
     with open(Path(a.out) / f"rank{rank}.json", "w") as f:
         json.dump(result, f)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

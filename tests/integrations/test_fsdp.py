@@ -145,6 +145,19 @@ def test_fsdp1_is_refused_with_what_works(tmp_path):
     assert "work with FSDP2 (torch.distributed.fsdp.fully_shard" in proc.stderr
 
 
+@pytest.mark.slow
+def test_accelerate_ignores_fsdp_on_a_cpu(tmp_path):
+    """Why CoLMTrainer under FSDP is refused rather than tested: on a CPU, accelerate
+    leaves the Trainer's FSDP request aside and trains with DDP, whole parameters.
+    Should this fail, accelerate runs FSDP on CPUs: test CoLMTrainer under FSDP2."""
+    runs = launch(tmp_path, 2, "--probe-trainer-fsdp")
+    for run in runs:
+        assert run["is_fsdp_enabled"] is False
+        assert run["distributed_type"] == "DistributedType.MULTI_CPU"
+        assert run["wrapped"] == "DistributedDataParallel"
+        assert run["sharded_parameters"] == 0
+
+
 def test_zero3_parameters_are_refused_with_what_works():
     model = make_tiny("llama", lora=True)
     block = find_value_block(model)

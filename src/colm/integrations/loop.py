@@ -12,7 +12,9 @@ Under data parallelism (``torchrun``, model wrapped in
 ``DistributedDataParallel``) every rank passes the same *global* source batch:
 each computes features for its share, all agree on one coreset (see
 :mod:`colm.distributed`), and each rank trains on an equal share of it, so the
-step equals the one-process step on the same global batch.
+step equals the one-process step on the same global batch. The same holds for a
+model sharded by FSDP2 (``fully_shard`` on each decoder layer and on the model):
+selection gathers only the last block, final norm and head (:mod:`colm.sharding`).
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ def coreset_step(
     """Select the coreset of ``batch``, run forward/backward on it in
     ``micro_batches`` pieces (gradient accumulation), and take one optimizer step.
 
-    ``model`` may be wrapped in ``DistributedDataParallel``; the returned loss is
-    then the loss of the whole coreset, summed over the ranks."""
+    ``model`` may be wrapped in ``DistributedDataParallel`` or sharded by FSDP2; the
+    returned loss is then the loss of the whole coreset, summed over the ranks."""
     inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     selection = selector.select(inner, batch, optimizer=optimizer)
     info = distributed.process_info(selector.process_group)
