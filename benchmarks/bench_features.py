@@ -9,6 +9,18 @@ backward) on the coreset, each in its own process (peak RSS growth on CPU,
 
     python benchmarks/bench_features.py                  # CPU, 32 x 128 -> 16
     python benchmarks/bench_features.py --device cuda --batch 128 --seq 512 --coreset 64
+
+``--fsdp N`` measures selection on a model sharded by FSDP2 instead: N processes
+(``torch.distributed.run``; gloo on CPU, nccl on GPU), ``fully_shard`` on each
+decoder layer and the model, each rank computing zo features for its share of the
+source batch in chunks of its share of the coreset, then a training step (forward +
+backward) on its share of the coreset, as ``coreset_step`` does. Printed per process:
+the model's whole and local (shard) parameter bytes, the bytes selection gathered
+(last block + final norm + head, exact), and the peak memory growth of selection and
+of the training step over the sharded model (CPU: peak RSS, reset between the phases
+as bench_step does; GPU: ``max_memory_allocated``).
+
+    python benchmarks/bench_features.py --fsdp 2 --batch 16 --seq 128 --coreset 8
 """
 
 from __future__ import annotations
@@ -27,12 +39,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from colm.features import GradientFeatures, draw_directions  # noqa: E402
-from colm.models import add_lora, load_model  # noqa: E402
+from colm.models import DEFAULT_MODEL, add_lora, load_model  # noqa: E402
 
 
 def setup(args):
     torch.manual_seed(0)
-    model, _ = load_model()
+    model, _ = load_model(args.model)
     model = add_lora(model, r=args.lora_r, target_modules=["q_proj", "v_proj"]).to(args.device)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g)
@@ -108,8 +120,108 @@ def measure_memory(args) -> None:
     print(json.dumps({"phase": args.phase, "base_mb": base, "peak_mb": peak}))
 
 
+def measure_sharded(args) -> None:
+    """One rank of ``--fsdp N``: selection and a training step on an FSDP2 model; prints
+    one JSON line."""
+    import torch.distributed as dist
+    from bench_step import PeakMemory
+    from torch.distributed.fsdp import fully_shard
+
+    from colm.features.locate import find_layers
+
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(args.device)
+    model, batch = setup(args)
+    whole = sum(p.numel() * p.element_size() for p in model.parameters())
+    for layer in find_layers(model)[1]:
+        fully_shard(layer)
+    fully_shard(model)
+    local = sum(
+        (p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
+        for p in model.parameters()
+    )
+    share, part = args.batch // world, args.coreset // world
+    rows = slice(rank * share, (rank + 1) * share)
+    ids, am, lab = (batch[k][rows] for k in ("input_ids", "attention_mask", "labels"))
+    feats = GradientFeatures(model, chunk_size=part)
+    with torch.no_grad():  # FSDP's lazy initialisation, outside the measured phases
+        model(input_ids=ids[:1], attention_mask=am[:1], use_cache=False)
+    mem = PeakMemory(args.device)
+
+    model.eval()
+    mem.set_baseline()
+    directions = draw_directions(1, feats.numel, torch.Generator().manual_seed(1))
+    feats.compute(ids, am, lab, "zo", directions)
+    selection = mem.peak()
+
+    model.train()
+    mem.set_baseline()
+    out = model(input_ids=ids[:part], attention_mask=am[:part], labels=lab[:part], use_cache=False)
+    out.loss.backward()
+    train = mem.peak()
+    model.zero_grad(set_to_none=True)
+    print(
+        json.dumps(
+            {
+                "rank": rank,
+                "whole_mb": whole / 2**20,
+                "local_mb": local / 2**20,
+                "gathered_mb": feats.replay.gathered_bytes / 2**20,
+                "selection_mb": selection,
+                "train_mb": train,
+            }
+        ),
+        flush=True,
+    )
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_sharded(args) -> None:
+    """``--fsdp N``: launch N ranks of :func:`measure_sharded` and print their figures."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={args.fsdp}", __file__, "--phase", "fsdp",
+    ] + [
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("phase", "repeats")
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.fsdp))}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+    ranks = sorted(
+        (json.loads(line) for line in out.splitlines() if line.startswith('{"rank"')),
+        key=lambda r: r["rank"],
+    )
+    print(
+        f"## Selection on an FSDP2 model, {args.fsdp} processes ({args.device}), "
+        f"source batch {args.batch} x {args.seq} tokens -> coreset {args.coreset}, "
+        f"zo q=1, each rank {args.batch // args.fsdp} rows in chunks of "
+        f"{args.coreset // args.fsdp}\n"
+    )
+    print(
+        "| rank | model whole (MB) | shard held (MB) | gathered for selection (MB) "
+        "| selection peak growth (MB) | training step peak growth (MB) | selection / step |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in ranks:
+        print(
+            f"| {r['rank']} | {r['whole_mb']:.1f} | {r['local_mb']:.1f} | {r['gathered_mb']:.1f} "
+            f"| {r['selection_mb']:.0f} | {r['train_mb']:.0f} "
+            f"| {r['selection_mb'] / max(r['train_mb'], 1e-9):.2f} |"
+        )
+    print(
+        "\ngathered: the whole last block, final norm and head (bytes, exact); peak growth: "
+        + ("max_memory_allocated" if args.device.startswith("cuda") else "peak RSS (VmHWM)")
+        + " over the sharded model, each phase from its own baseline"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model name or directory")
+    p.add_argument("--fsdp", type=int, default=0, help="processes of an FSDP2 run (see above)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=128)
@@ -119,8 +231,13 @@ def main() -> None:
     p.add_argument("--phase", help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
+    if args.phase == "fsdp":
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        return measure_sharded(args)
     if args.phase:
         return measure_memory(args)
+    if args.fsdp:
+        return run_sharded(args)
 
     model, batch = setup(args)
     run = phases(model, batch, args)

@@ -123,3 +123,25 @@ def test_gpu_script_smoke_on_cpu(tmp_path):
     assert set(quality["variants"]) == {"full", "random", "colm"}
     assert (out / "quality.md").read_text().startswith("## Held-out loss at equal steps")
     assert (out / "gpu_results.tar.gz").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_bench_features_fsdp_mode_prints_per_process_memory(tiny_model_dir):
+    """``bench_features.py --fsdp 2``: two FSDP2 ranks each print the model's whole and
+    shard bytes, the bytes selection gathered, and the two phases' peak memory."""
+    proc = _run(
+        "bench_features.py", "--fsdp", "2", "--model", str(tiny_model_dir),
+        "--batch", "8", "--seq", "32", "--coreset", "4",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in proc.stdout.splitlines()
+        if line.startswith("| 0 |") or line.startswith("| 1 |")
+    ]
+    assert [r[0] for r in rows] == ["0", "1"]
+    for _, whole, shard, gathered, selection, step, _ in rows:
+        assert float(shard) == pytest.approx(float(whole) / 2, abs=0.1)  # half each
+        assert 0 < float(gathered) < float(whole)  # the last block, norm and head only
+        assert float(selection) > 0 and float(step) > 0
