@@ -73,17 +73,21 @@ def _select(args) -> int:
     model = add_lora(model)
     print(f"model: {args.model} + LoRA; feature block: {find_value_block(model).describe()}")
     mixture = build_default_mixture(MixtureSpec(seed=args.seed))
-    counts = source_counts(mixture.train)
+    gen = torch.Generator().manual_seed(args.seed)
+    pool = list(mixture.train)
+    if args.pseudo_sources:
+        pool = _pseudo_source_pool(args, model, tokenizer, pool, gen)
+    counts = source_counts(pool)
     cfg = SelectorConfig(
         ratio=args.ratio, feature=args.feature, num_directions=args.directions, seed=args.seed
     )
     selector = CoresetSelector(cfg, counts)
-    print("training mixture (examples per source; * = small, kept whole):")
+    what = "the pool" if args.pseudo_sources else "the training mixture"
+    print(f"{what} (examples per source; * = small, kept whole):")
     for name, n in sorted(counts.items(), key=lambda kv: -kv[1]):
         print(f"  {'*' if name in selector.small_sources else ' '} {name:<26} {n:>6}")
-    gen = torch.Generator().manual_seed(args.seed)
-    pick = torch.randperm(len(mixture.train), generator=gen)[: args.batch].tolist()
-    records = [mixture.train[i] for i in pick]
+    pick = torch.randperm(len(pool), generator=gen)[: args.batch].tolist()
+    records = [pool[i] for i in pick]
     examples, _ = tokenize_records(records, tokenizer, max_length=args.max_length)
     batch = CoLMCollator(tokenizer)(examples)
     print(f"\nsource batch {len(examples)}, coreset {cfg.coreset_size(len(examples))}")
@@ -103,6 +107,40 @@ def _select(args) -> int:
         print(f"  [{i:>2}] {records[i]['source']:<24} {text[:70]}")
     print(f"\ndone in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _pseudo_source_pool(args, model, tokenizer, records: list[dict], gen) -> list[dict]:
+    """``--pseudo-sources``: a random pool of the mixture with its source labels hidden,
+    clustered into pseudo-sources (what ``data.sources: auto`` does with a whole training
+    set); prints each cluster with its typical example and how it matches the hidden
+    labels. Returns the pool's records with ``source`` set to their cluster."""
+    import torch
+
+    from .data import tokenize_records
+    from .data.pseudo_sources import adjusted_rand_index, first_words, pseudo_sources
+    from .data.records import UNLABELLED
+
+    n = min(args.pool, len(records))
+    pool = [records[i] for i in torch.randperm(len(records), generator=gen)[:n].tolist()]
+    truth = [r["source"] for r in pool]
+    hidden = [{**r, "source": UNLABELLED} for r in pool]
+    rows, _ = tokenize_records(hidden, tokenizer, max_length=args.max_length)
+    print(f"\npseudo-sources: embedding {n} examples with their source labels hidden ...")
+    result = pseudo_sources(model, rows, k=args.num_sources, seed=args.seed)
+    words = first_words(tokenizer, rows, result.typical)
+    how = "given" if args.num_sources else "chosen by silhouette"
+    print(
+        f"k = {result.k} ({how}); adjusted Rand index against the hidden labels: "
+        f"{adjusted_rand_index(truth, result.labels):.3f}"
+    )
+    print(f"  {'cluster':<12} {'examples':>8}  {'most common hidden source':<30} typical example")
+    for name, size in result.sizes.items():
+        members = [t for t, c in zip(truth, result.labels) if c == name]
+        top = max(set(members), key=members.count)
+        share = f"{top} ({members.count(top) / len(members):.0%})"
+        print(f"  {name:<12} {size:>8}  {share:<30} {words[name][:60]}")
+    print()
+    return [{**r, "source": c} for r, c in zip(pool, result.labels)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,6 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--show", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--pseudo-sources",
+        action="store_true",
+        help="hide the mixture's source labels and select on pseudo-sources (k-means on the "
+        "model's hidden states) of a random pool of it",
+    )
+    p.add_argument("--pool", type=int, default=256, help="examples clustered (--pseudo-sources)")
+    p.add_argument("--num-sources", type=int, default=None, help="k (default: by silhouette)")
     p.set_defaults(func=_select)
 
     args = parser.parse_args(argv)

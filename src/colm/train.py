@@ -657,7 +657,12 @@ def assign_pseudo_sources(
     first words) and, when the data had source labels (the built-in mixture), the
     adjusted Rand index against them. Returns that record.
     """
-    from .data.pseudo_sources import PseudoSources, adjusted_rand_index, pseudo_sources
+    from .data.pseudo_sources import (
+        PseudoSources,
+        adjusted_rand_index,
+        first_words,
+        pseudo_sources,
+    )
 
     path, cache = run / PSEUDO_SOURCES_FILE, run / PSEUDO_EMBEDDINGS_FILE
     fingerprint = _fingerprint(cfg, examples)
@@ -687,7 +692,7 @@ def assign_pseudo_sources(
             embeddings=embeddings,
         )
         record = {"fingerprint": fingerprint, **result.as_dict()}
-        record["first_words"] = _first_words(tokenizer, examples, result.typical)
+        record["first_words"] = first_words(tokenizer, examples, result.typical)
         truth = [ex.get("source") for ex in examples]
         if len(set(truth)) > 1:  # labelled data clustered anyway: how well it agrees
             record["ari_vs_labels"] = adjusted_rand_index(truth, result.labels)
@@ -708,17 +713,6 @@ def assign_pseudo_sources(
         + f"; assignment in {path}"
     )
     return record
-
-
-def _first_words(tokenizer, examples: list[dict], typical: Mapping[str, int], n: int = 12):
-    """Each cluster's typical example as text: its first ``n`` words after the lines all
-    typical examples begin with (e.g. a chat template's system prompt)."""
-    lines = {
-        c: tokenizer.decode(examples[i]["input_ids"], skip_special_tokens=True).splitlines()
-        for c, i in typical.items()
-    }
-    shared = len(os.path.commonprefix(list(lines.values()))) if len(lines) > 1 else 0
-    return {c: " ".join(" ".join(t[shared:]).split()[:n]) for c, t in lines.items()}
 
 
 def _place_tensorboard(trainer, folder: Path) -> None:

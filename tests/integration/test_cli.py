@@ -194,3 +194,28 @@ def test_heldout_curve_during_training(tmp_path, tiny_model_dir):
     assert lrs[1:] == pytest.approx([lrs[-1]] * 3)  # warm-up of 1 step, then constant
     optim = torch.load(run / "checkpoints" / "checkpoint-4" / "optimizer.pt", weights_only=True)
     assert optim["param_groups"][0]["betas"][1] == pytest.approx(0.99)
+
+
+def test_select_shows_the_picks_per_source(tiny_model_dir, capsys):
+    assert main(["select", "--model", str(tiny_model_dir), "--batch", "16", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "basic_arithmetic" in out and "source batch 16, coreset 8" in out
+    assert "cluster_" not in out
+
+
+def test_select_with_pseudo_sources_hides_the_labels_and_names_clusters(tiny_model_dir, capsys):
+    """--pseudo-sources clusters a pool with its labels hidden: the clusters replace the
+    sources in the budgets and the table, each shown with its typical example and the
+    hidden source it holds most of."""
+    args = ["select", "--model", str(tiny_model_dir), "--batch", "16", "--steps", "1"]
+    assert main([*args, "--pseudo-sources", "--pool", "48", "--num-sources", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "embedding 48 examples with their source labels hidden" in out
+    assert "k = 3 (given); adjusted Rand index against the hidden labels:" in out
+    table = out.split("step 0:")[1].split("picked in the last step")[0]
+    names = {line.split()[0] for line in table.splitlines()[2:] if line.strip()}
+    assert names and names <= {"cluster_0", "cluster_1", "cluster_2"}
+    sizes = [
+        int(line.split()[1]) for line in out.splitlines() if line.strip().startswith("cluster_")
+    ][:3]
+    assert sum(sizes) == 48

@@ -22,6 +22,7 @@ module does that:
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -370,6 +371,20 @@ def with_pseudo_sources(
     return rows, result
 
 
+def first_words(
+    tokenizer: Any, examples: Sequence[Mapping[str, Any]], typical: Mapping[str, int], n: int = 12
+) -> dict[str, str]:
+    """Each cluster's typical example as text, so that a person can see what a cluster
+    holds: its first ``n`` words after the lines all typical examples begin with (e.g. a
+    chat template's system prompt)."""
+    lines = {
+        c: tokenizer.decode(examples[i]["input_ids"], skip_special_tokens=True).splitlines()
+        for c, i in typical.items()
+    }
+    shared = len(os.path.commonprefix(list(lines.values()))) if len(lines) > 1 else 0
+    return {c: " ".join(" ".join(t[shared:]).split()[:n]) for c, t in lines.items()}
+
+
 def adjusted_rand_index(a: Sequence[Any], b: Sequence[Any]) -> float:
     """Agreement of two labelings, 0 for chance, 1 for identical up to renaming."""
     from sklearn.metrics import adjusted_rand_score
@@ -383,6 +398,7 @@ __all__ = [
     "adjusted_rand_index",
     "cluster_embeddings",
     "embed_examples",
+    "first_words",
     "pseudo_sources",
     "with_pseudo_sources",
 ]
