@@ -184,6 +184,16 @@ def call_unhooked(
     return functional_call(direct, prefixed, args, kwargs or {}, strict=False)
 
 
+def compute_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype FSDP2 computes ``module`` in under a ``MixedPrecisionPolicy`` with a
+    ``param_dtype`` (e.g. bf16 for fp32 parameters), or None (the parameters' own)."""
+    get_state = getattr(module, "_get_fsdp_state", None)
+    if get_state is None:
+        return None
+    policy = getattr(get_state(), "_mp_policy", None)
+    return getattr(policy, "param_dtype", None)
+
+
 def fsdp_root(model: nn.Module) -> nn.Module | None:
     """The outermost FSDP2 module of ``model`` (the one ``fully_shard`` was applied
     to last), or None."""

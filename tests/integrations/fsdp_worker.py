@@ -30,9 +30,10 @@ from tests.integrations.ddp_worker import SOURCES, _model, _record, _sources  # 
 SELECTOR_FILE = "selector.pt"
 
 
-def shard(model: torch.nn.Module, how: str) -> torch.nn.Module:
-    """FSDP2 as its documentation applies it (each decoder layer, then the model), or
-    FSDP1 as accelerate does (a unit per decoder layer, original parameters kept)."""
+def shard(model: torch.nn.Module, how: str, mixed: bool = False) -> torch.nn.Module:
+    """FSDP2 as its documentation applies it (each decoder layer, then the model; with
+    ``mixed``, computing in bf16 with fp32 gradient reduction), or FSDP1 as accelerate
+    does (a unit per decoder layer, original parameters kept)."""
     _, layers = find_layers(model)
     if how == "fsdp1":
         from torch.distributed.fsdp import FullyShardedDataParallel
@@ -42,11 +43,15 @@ def shard(model: torch.nn.Module, how: str) -> torch.nn.Module:
         return FullyShardedDataParallel(
             model, device_id=torch.device("cpu"), use_orig_params=True, auto_wrap_policy=policy
         )
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if mixed else None,
+        reduce_dtype=torch.float32 if mixed else None,
+    )
     for layer in layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
     return model
 
 
@@ -86,7 +91,7 @@ def run_loop(a, rank: int, world: int) -> dict:
 
     model = _model()
     if a.shard != "none":
-        model = shard(model, a.shard)
+        model = shard(model, a.shard, a.mixed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     cfg = SelectorConfig(
         ratio=0.5,
@@ -121,7 +126,10 @@ def run_loop(a, rank: int, world: int) -> dict:
             folder.mkdir(parents=True, exist_ok=True)
             _save(folder, model, opt, selector, rank)
     params = list(model.parameters())
+    replay = selector._features.replay if selector._features is not None else None
     return {
+        "replay_dtype": str(getattr(replay, "dtype", None)),
+        "model_dtype": str(getattr(replay, "model_dtype", None)),
         "steps": log,
         "losses": losses,
         "lora": _lora(model),
@@ -174,6 +182,7 @@ def main() -> None:
     p.add_argument("--shard", choices=["none", "fsdp2", "fsdp1"], default="none")
     p.add_argument("--case", default="")
     p.add_argument("--probe-trainer-fsdp", action="store_true")
+    p.add_argument("--mixed", action="store_true", help="FSDP2 computing in bf16")
     p.add_argument("--also-plain", action="store_true", help="then run the unsharded model")
     p.add_argument("--coreset", type=int, default=0)
     p.add_argument("--feature", default="zo")

@@ -126,6 +126,24 @@ def test_fsdp2_loop_exact_features_optimizer_moments_as_one(tmp_path):
 
 
 @pytest.mark.slow
+def test_fsdp2_mixed_precision_replays_in_fp32(tmp_path):
+    """FSDP2 computing in bf16 (MixedPrecisionPolicy): the replay check compares the
+    gathered block in bf16 with the model's forward, and selection replays in fp32, as
+    for a half-precision model. 2 processes pick the first coreset exactly as 1 (later
+    steps train in bf16 on different row splits, so only the losses are compared)."""
+    args = ["--steps", "3", "--shard", "fsdp2", "--mixed"]
+    one = launch(tmp_path / "one", 1, *args)[0]
+    two = launch(tmp_path / "two", 2, *args)
+    for run in (one, *two):
+        assert run["model_dtype"] == "torch.bfloat16"
+        assert run["replay_dtype"] == "torch.float32"
+        assert len(run["steps"]) == 3
+    assert two[0]["steps"][0]["picked"] == one["steps"][0]["picked"]
+    assert [s["picked"] for s in two[1]["steps"]] == [s["picked"] for s in two[0]["steps"]]
+    assert two[0]["losses"] == pytest.approx(one["losses"], rel=1e-3)
+
+
+@pytest.mark.slow
 def test_fsdp2_rank_without_feature_rows_does_not_hang(tmp_path):
     """3 processes, 2 examples need features: the third rank has none of its own and runs
     the same trunk passes on a padding row, so the collectives stay in step."""

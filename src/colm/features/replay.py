@@ -194,11 +194,23 @@ class LastBlockReplay:
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
         self.logit_scale = getattr(cfg, "logit_scale", None)  # Cohere multiplies
         self.logits_scaling = getattr(cfg, "logits_scaling", None)  # Granite divides
+        # FSDP2: the replayed modules' parameters are DTensor shards; the replay gathers
+        # them whole (see colm.sharding) and never runs FSDP's hooks
+        self.sharded = sharding.model_sharding(model) == sharding.FSDP2
+        if self.sharded:
+            sharding.check_replayable(
+                [block.layer, self.norm, self.head], dora=block._dora_layer() is not None
+            )
+        # the dtype FSDP2's MixedPrecisionPolicy computes in (None: the parameters')
+        self.model_dtype = sharding.compute_dtype(block.layer) if self.sharded else None
         # fp32 replay for half-precision weights (see the module docstring); None: as is
         tensors = [*block.layer.parameters(), *block.layer.buffers(), *self.head.parameters()]
         if self.norm is not None:
             tensors += [*self.norm.parameters(), *self.norm.buffers()]
-        self.dtype: torch.dtype | None = COMPUTE_DTYPE if any(map(_is_half, tensors)) else None
+        half = any(map(_is_half, tensors)) or (
+            self.model_dtype is not None and self.model_dtype.itemsize < 4
+        )
+        self.dtype: torch.dtype | None = COMPUTE_DTYPE if half else None
         if self.dtype is not None and "flash" in str(getattr(cfg, "_attn_implementation", "")):
             # flash-attention kernels take fp16 / bf16 only (transformers picks the
             # kernel's dtype from the block's weights, which would be fp32 copies)
@@ -212,13 +224,6 @@ class LastBlockReplay:
             )
             self.dtype = None
         self._state: dict[str, dict[str, torch.Tensor]] | None = None
-        # FSDP2: the replayed modules' parameters are DTensor shards; the replay gathers
-        # them whole (see colm.sharding) and never runs FSDP's hooks
-        self.sharded = sharding.model_sharding(model) == sharding.FSDP2
-        if self.sharded:
-            sharding.check_replayable(
-                [block.layer, self.norm, self.head], dora=block._dora_layer() is not None
-            )
         self._whole: dict[str, dict[str, torch.Tensor]] | None = None
         self._held = False
         self.gathered_bytes = 0  # bytes of whole tensors the last gather held (sharded)
@@ -259,6 +264,14 @@ class LastBlockReplay:
         """The gathered whole tensors: those of :meth:`upcast`, or gathered for this
         replay only."""
         return self._whole if self._whole is not None else self._gather()
+
+    def _as_model(self, part: str) -> dict[str, torch.Tensor]:
+        """The whole tensors of ``part`` as the sharded model computes with them: cast
+        to the dtype of FSDP2's mixed precision policy, if it has one."""
+        whole = self._whole_state()[part]
+        if self.model_dtype is None:
+            return whole
+        return {k: v.to(self.model_dtype) if v.is_floating_point() else v for k, v in whole.items()}
 
     def _call(self, module: nn.Module, weights: dict[str, torch.Tensor], args, kwargs=None) -> Any:
         """``module`` run with ``weights`` substituted; on a sharded model without its
@@ -370,7 +383,7 @@ class LastBlockReplay:
         if dtype is not None:
             weights = {**self._fp32_state()["layer"], **weights}
         elif self.sharded:
-            weights = {**self._whole_state()["layer"], **weights}
+            weights = {**self._as_model("layer"), **weights}
         with (
             self._numerics(captured, as_model),
             self.block.frozen_dora_norm(),
@@ -382,10 +395,9 @@ class LastBlockReplay:
     def logits(self, hidden: torch.Tensor, as_model: bool = False) -> torch.Tensor:
         """Final norm + LM head (+ the model's logit scaling), in float32."""
         if (as_model or self.dtype is None) and self.sharded:
-            whole = self._whole_state()
             if self.norm is not None:
-                hidden = self._call(self.norm, whole["norm"], (hidden,))
-            logits = self._call(self.head, whole["head"], (hidden,)).float()
+                hidden = self._call(self.norm, self._as_model("norm"), (hidden,))
+            logits = self._call(self.head, self._as_model("head"), (hidden,)).float()
         elif as_model or self.dtype is None:
             if self.norm is not None:
                 hidden = self.norm(hidden)
