@@ -135,12 +135,15 @@ def machine_info(device: str, threads: int) -> dict:
     return info
 
 
-def make_tiny_model_dir(path: str | os.PathLike, tokenizer_from: str | None = None) -> Path:
+def make_tiny_model_dir(
+    path: str | os.PathLike, tokenizer_from: str | None = None, **config
+) -> Path:
     """A tiny Llama with SmolLM2's tokenizer, saved in ``path``: for ``--quick`` runs that
-    check the mechanics in seconds (numbers are meaningless)."""
+    check the mechanics in seconds (numbers are meaningless); ``config``: LlamaConfig
+    fields (``--wide``)."""
     from colm.testing import tiny_model_dir
 
-    return tiny_model_dir(path, tokenizer_from)
+    return tiny_model_dir(path, tokenizer_from, **config)
 
 
 # --------------------------------------------------------------------------- data
@@ -318,13 +321,21 @@ def run_method(spec: dict) -> dict:
     mem = PeakMemory(device)
     model, tokenizer = load_model(spec["model"])
     torch.manual_seed(0)
-    model = add_lora(model, r=8, alpha=16, dropout=0.05)
+    if spec.get("lora", True):
+        model = add_lora(model, r=8, alpha=16, dropout=0.05)
     examples = json.loads(Path(spec["data"]).read_text())
     counts = json.loads(Path(spec["counts"]).read_text())
 
     selector_method = method if method in ("match", "random_big") else "colm"
     colm_method = "full" if method == "full_ckpt" else method if method in TRAIN_METHODS else "colm"
-    sel_cfg = SelectorConfig.preset("paper", ratio=spec["ratio"], method=selector_method, seed=0)
+    sel_cfg = SelectorConfig.preset(
+        "paper",
+        ratio=spec["ratio"],
+        method=selector_method,
+        feature=spec.get("feature", "zo"),
+        max_feature_mb=spec.get("max_feature_mb", SelectorConfig.max_feature_mb),
+        seed=0,
+    )
     B, n_micro = spec["source_batch"], spec["micro_batches"]
     steps = spec["warmup"] + spec["repeats"]
     records: list[dict] = []
@@ -409,6 +420,7 @@ def run_method(spec: dict) -> dict:
             rec["selection_mb"] = mem.peak()
             rec["features_s"] = float(sel.stats.get("time_features", 0.0))
             rec["selection_s"] = rec["select_s"] - rec["features_s"]
+            rec["streamed"] = bool(sel.stats.get("streamed", False))
             return sel
 
         selector.select = timed_select
@@ -435,6 +447,7 @@ def run_method(spec: dict) -> dict:
     memory["phase_reset"] = mem.resettable or mem.cuda
     return {
         "method": method,
+        "variant": spec.get("variant", method),
         "colm_method": colm_method,
         "selector_method": selector.config.method if selector is not None else None,
         "source_batch": B,
@@ -443,6 +456,9 @@ def run_method(spec: dict) -> dict:
         "trained_examples": timed[0]["trained_examples"],
         "trained_tokens_median": statistics.median(r["trained_tokens"] for r in timed),
         "chunk_size": selector.config.chunk_size if selector is not None else None,
+        "feature": selector.config.feature if selector is not None else None,
+        "max_feature_mb": selector.config.max_feature_mb if selector is not None else None,
+        "streamed": any(r.get("streamed", False) for r in timed),
         "median": median,
         "memory": memory,
         "steps": records,
@@ -455,7 +471,11 @@ def run_method(spec: dict) -> dict:
 
 def ratios(results: list[dict]) -> list[dict]:
     out = []
-    by = {(r["method"], r["source_batch"]): r for r in results}
+    by = {
+        (r["method"], r["source_batch"]): r
+        for r in results
+        if r.get("variant", r["method"]) == r["method"]
+    }
     for B in sorted({r["source_batch"] for r in results}):
         for label, num, den, what, target in TARGETS + CPU_RATIOS:
             a, b = by.get((num, B)), by.get((den, B))
@@ -483,6 +503,17 @@ def ratios(results: list[dict]) -> list[dict]:
     return out
 
 
+def variant_name(method: str, feature: str, budget: float | None | str) -> str:
+    """``colm (exact, features held)``, ``colm (zo, streamed past 0 MiB)``, ... for the
+    feature-based methods off their defaults; the method's name otherwise."""
+    if method not in ("colm", "match") or (feature == "zo" and budget == "default"):
+        return method
+    if budget == "default":
+        return f"{method} ({feature})"
+    held = "features held" if budget is None else f"streamed past {budget:g} MiB"
+    return f"{method} ({feature}, {held})"
+
+
 def table(results: list[dict]) -> str:
     lines = [
         "| method | source batch | trained | micro-batches x rows | features (s) | selection (s) "
@@ -494,7 +525,7 @@ def table(results: list[dict]) -> str:
         m, mem = r["median"], r["memory"]
         rows = r["micro_batch_rows"]
         lines.append(
-            f"| {r['method']} | {r['source_batch']} | {r['trained_examples']} "
+            f"| {r.get('variant', r['method'])} | {r['source_batch']} | {r['trained_examples']} "
             f"| {len(rows)} x {max(rows)} | {m['features_s']:.3f} | {m['selection_s']:.3f} "
             f"| {m['data_s']:.3f} | {m['train_s']:.3f} | {m['step_s']:.3f} | {m['step_cpu_s']:.2f} "
             f"| {mem['selection_mb']:.0f} | {mem['train_mb']:.0f} | {mem['step_mb']:.0f} |"
@@ -522,6 +553,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="JSON (benchmarks/results/step.json)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per method run")
     p.add_argument("--quick", action="store_true", help="tiny model, batch 8 x 64, 1+1 steps")
+    p.add_argument(
+        "--wide",
+        action="store_true",
+        help="full fine-tuning of a 2-layer Llama as wide as Llama-3-8B (value projection "
+        "1024 x 4096), built from config: selection's memory against a training step's",
+    )
+    p.add_argument("--full-finetune", action="store_true", help="no LoRA: train every weight")
+    p.add_argument("--feature", default="zo", help="zo or exact (colm and match)")
+    p.add_argument(
+        "--max-feature-mb",
+        default=None,
+        help="comma list of SelectorConfig.max_feature_mb values ('none': hold the features "
+        "whole); the feature-based methods run once per value",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -538,9 +583,8 @@ def main(argv: list[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else 1
     repeats = args.repeats if args.repeats is not None else (1 if q else 3)
     threads = args.threads or default_threads()
-    out_path = Path(
-        args.out or ROOT / "benchmarks/results" / ("step_quick.json" if q else "step.json")
-    )
+    name = "step_quick.json" if q else "step_wide.json" if args.wide else "step.json"
+    out_path = Path(args.out or ROOT / "benchmarks/results" / name)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda, but torch sees no GPU")
 
@@ -560,6 +604,19 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model
     if model is None and q:
         model = str(make_tiny_model_dir(work / "tiny-model"))
+    if args.wide:
+        from colm.testing import WIDE
+
+        if args.model or q:
+            p.error("--wide builds its own model: drop --model and --quick")
+        log("building the wide model (2 layers, hidden 4096) ...")
+        model = str(make_tiny_model_dir(work / "wide-model", **WIDE))
+    lora = not (args.wide or args.full_finetune)
+    budgets: list[float | None] = [
+        None if x.strip().lower() == "none" else float(x)
+        for x in (args.max_feature_mb or "").split(",")
+        if x.strip()
+    ] or ["default"]
     model = model or "smollm2-135m-instruct"
     from transformers import AutoTokenizer
 
@@ -587,10 +644,15 @@ def main(argv: list[str] | None = None) -> int:
     counts_file.write_text(json.dumps(counts))
 
     results, failures = [], {}
+    runs = [(m, mb) for m in methods for mb in (budgets if m in ("colm", "match") else ["default"])]
     for B, coreset, n_micro in plan:
-        for m in methods:
+        for m, mb in runs:
+            variant = variant_name(m, args.feature, mb)
             spec = {
                 "method": m,
+                "variant": variant,
+                "lora": lora,
+                "feature": args.feature,
                 "source_batch": B,
                 "micro_batches": n_micro,
                 "ratio": args.ratio,
@@ -602,9 +664,11 @@ def main(argv: list[str] | None = None) -> int:
                 "data": str(data_file),
                 "counts": str(counts_file),
             }
-            spec_file = work / f"spec-{m}-{B}.json"
+            if mb != "default":
+                spec["max_feature_mb"] = mb
+            spec_file = work / f"spec-{len(results) + len(failures)}-{B}.json"
             spec_file.write_text(json.dumps(spec))
-            log(f"{m}, source batch {B} (coreset {coreset}, {n_micro} micro-batches) ...")
+            log(f"{variant}, source batch {B} (coreset {coreset}, {n_micro} micro-batches) ...")
             t0 = time.perf_counter()
             proc = subprocess.run(
                 [sys.executable, __file__, "--child", str(spec_file)],
@@ -616,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
                 (x for x in proc.stdout.splitlines() if x.startswith("BENCH_STEP_RESULT ")), None
             )
             if proc.returncode != 0 or line is None:
-                failures[f"{m}@{B}"] = proc.stderr[-3000:]
+                failures[f"{variant}@{B}"] = proc.stderr[-3000:]
                 log(
                     f"{m}, source batch {B} FAILED (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
                 )
@@ -630,8 +694,11 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     rat = ratios(results)
+    what = "SmolLM2 + LoRA r=8 (q,k,v,o)" if lora else "full fine-tuning"
+    if args.wide:
+        what = "full fine-tuning of a 2-layer Llama of width 4096 (value projection 1024 x 4096)"
     header = (
-        f"## One optimizer step, {args.device}: SmolLM2 + LoRA r=8 (q,k,v,o) "
+        f"## One optimizer step, {args.device}: {what} "
         f"[model {model}], ratio {args.ratio}, coreset micro-batch {micro}, "
         f"median of {repeats} after {warmup} warm-up\n\n"
         f"Examples: {token_stats['tokens_mean']:.1f} tokens on average "
@@ -661,7 +728,10 @@ def main(argv: list[str] | None = None) -> int:
         "path": PATH_NOTE,
         "settings": {
             "model": model,
-            "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "targets": "q,k,v,o"},
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "targets": "q,k,v,o"} if lora else None,
+            "wide": args.wide,
+            "feature": args.feature,
+            "max_feature_mb": budgets,
             "source_batches": batches,
             "max_length": max_length,
             "ratio": args.ratio,

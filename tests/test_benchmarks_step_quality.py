@@ -201,6 +201,45 @@ def test_bench_step_quick(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.slow
+def test_bench_step_full_finetune_streamed_features(tmp_path, tiny_model_dir):
+    """The --wide mode's path on the tiny model: full fine-tuning, exact features held
+    whole and streamed, each run labelled, with its selection and training peaks."""
+    out = tmp_path / "step.json"
+    cmd = [
+        sys.executable, str(BENCH / "bench_step.py"), "--quick", "--model", str(tiny_model_dir),
+        "--full-finetune", "--feature", "exact", "--max-feature-mb", "none,0",
+        "--methods", "random,colm", "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["settings"]["lora"] is None and data["settings"]["feature"] == "exact"
+    runs = {r["variant"]: r for r in data["methods"]}
+    assert set(runs) == {
+        "random",
+        "colm (exact, features held)",
+        "colm (exact, streamed past 0 MiB)",
+    }
+    assert runs["colm (exact, streamed past 0 MiB)"]["streamed"] is True
+    assert runs["colm (exact, features held)"]["streamed"] is False
+    for r in runs.values():
+        assert r["memory"]["train_mb"] > 0 and _finite(r["memory"]["selection_mb"])
+    assert "| colm (exact, streamed past 0 MiB) | 8 |" in proc.stdout
+
+
+@pytest.mark.slow
+def test_compare_script_runs_the_quality_protocol(tmp_path, tiny_model_dir):
+    """scripts/compare.sh (the README's comparison command) on the tiny model."""
+    env = {**_env(), "VARIANTS": "colm,random", "OUT": str(tmp_path)}
+    cmd = ["bash", "scripts/compare.sh", "--quick", "--model", str(tiny_model_dir)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "quality.json").read_text())
+    assert set(data["variants"]) == {"colm", "random"}
+    assert f"Open {tmp_path}/quality.md" in proc.stdout
+
+
+@pytest.mark.slow
 def test_bench_quality_quick(tmp_path, tiny_model_dir):
     cmd = [
         sys.executable,
