@@ -80,7 +80,8 @@ def model_sharding(model: nn.Module) -> str | None:
             return FSDP2
     for p in model.parameters():
         kind = tensor_sharding(p)
-        if kind is not None:
+        # an empty parameter alone does not make a model FSDP1 (its modules would)
+        if kind is not None and (kind != FSDP1 or getattr(p, "_is_flat_param", False)):
             return kind
     return None
 

@@ -210,6 +210,11 @@ def test_model_sharding_is_detected_from_parameters():
     block.parameter.ds_id = 0
     assert sharding.model_sharding(model) == sharding.ZERO3
     assert sharding.tensor_sharding(torch.zeros(0)) == sharding.FSDP1
+    # an empty parameter somewhere in an unsharded model is not taken for FSDP1
+    plain = make_tiny("llama", lora=True)
+    plain.register_parameter("empty", torch.nn.Parameter(torch.zeros(0)))
+    assert sharding.model_sharding(plain) is None
+    find_value_block(plain)
     assert sharding.tensor_sharding(torch.zeros(3)) is None
 
 
