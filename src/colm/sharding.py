@@ -76,7 +76,7 @@ def model_sharding(model: nn.Module) -> str | None:
         kind = type(module).__name__
         if kind == "FullyShardedDataParallel":
             return FSDP1
-        if any(c.__name__ == "FSDPModule" for c in type(module).__mro__):
+        if _is_fsdp_module(module):
             return FSDP2
     for p in model.parameters():
         kind = tensor_sharding(p)
