@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from colm.data import CoLMCollator, score, tokenize_records
+from colm.models import eval_mode
 
 __all__ = [
     "evaluate",
@@ -62,14 +63,10 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 @contextlib.contextmanager
 def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Dropout off for the duration, then the caller's mode back (e.g. mid-training)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
+    """Dropout off and no gradients for the duration, then the caller's modes back
+    (e.g. mid-training)."""
+    with eval_mode(model), torch.no_grad():
+        yield
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -84,6 +86,20 @@ def default_model_dir(verbose: bool = True) -> Path:
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode (dropout off) inside; after, every module's own mode back,
+    so that a module the caller had put in eval mode stays there (``model.train(was)``
+    would switch it too)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):

@@ -35,6 +35,7 @@ from .features import (
 )
 from .features.table import DenseFeatures, StreamedFeatures
 from .matching import gradient_match
+from .models import eval_mode
 from .sources import allocate_budget, find_small_sources
 
 METHODS = ("colm", "random", "match", "random_big")
@@ -236,18 +237,6 @@ class SelectionOutOfMemoryError(RuntimeError):
     """Selection ran out of memory; the message names the setting to lower."""
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """``model`` in eval mode (no dropout) inside, every module's mode restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
 def _is_oom(error: BaseException) -> bool:
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         return True
@@ -444,7 +433,7 @@ class CoresetSelector:
         rows = [i for ix in need.values() for i in ix]
         pos = {i: r for r, i in enumerate(rows)}
         t0 = time.perf_counter()
-        with _eval_mode(model), self._out_of_memory_hint(model, b):
+        with eval_mode(model), self._out_of_memory_hint(model, b):
             table = self._feature_table(model, batch, rows, b, info, stats)
             moments = self._moments(model, table, optimizer) if cfg.adam else None
             groups = [[pos[i] for i in ix] for ix in need.values()]

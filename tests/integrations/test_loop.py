@@ -53,7 +53,7 @@ def test_optimizer_moments_come_from_the_optimizer_that_trains(feature, monkeypa
     """moments='optimizer': before the first step the batch's statistics stand in (the
     same coreset as a warm-started selector); afterwards the features are normalised
     with the optimizer's own Adam state of the value block."""
-    import colm.selector as selector_module
+    import colm.features.table as table_module  # where selection normalises its features
     from colm.features import adam_features, find_value_block, optimizer_moments
 
     model = make_tiny("llama", lora=True)
@@ -70,13 +70,13 @@ def test_optimizer_moments_come_from_the_optimizer_that_trains(feature, monkeypa
     assert selector.normalizer.m is None  # the selector keeps no moments of its own
 
     seen = []
-    real = selector_module.adam_features
+    real = table_module.adam_features
 
     def spy(g, moments):
         seen.append(moments)
         return real(g, moments)
 
-    monkeypatch.setattr(selector_module, "adam_features", spy)
+    monkeypatch.setattr(table_module, "adam_features", spy)
     for _ in range(2):
         coreset_step(model, opt, selector, batch)
     block = find_value_block(model)

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..features.locate import _unwrap, find_layers
 from ..features.replay import _StopForward
+from ..models import eval_mode
 from .errors import DataError
 
 # automatic k: the silhouette is compared for k = 2 .. min(MAX_AUTO_K, n - 1)
@@ -148,36 +149,34 @@ def embed_examples(
 
     order = sorted(range(len(rows)), key=lambda i: (len(rows[i]), i))
     out: np.ndarray | None = None
-    was_training = inner.training
-    inner.eval()
     handle = last.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        bar = tqdm(total=len(rows), desc="pseudo-sources: embedding", disable=not progress)
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            width = max(len(rows[i]) for i in idx)
-            ids = torch.zeros(len(idx), width, dtype=torch.long)
-            mask = torch.zeros(len(idx), width, dtype=torch.long)
-            for j, i in enumerate(idx):
-                ids[j, : len(rows[i])] = torch.tensor(rows[i])
-                mask[j, : len(rows[i])] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            captured.clear()
-            with contextlib.suppress(_StopForward):  # the hook ends the pass at the block
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
-            if "h" not in captured:
-                raise RuntimeError("the forward pass never reached the last transformer block")
-            h = captured["h"].float()
-            m = mask.unsqueeze(-1).to(h.dtype)
-            mean = ((h * m).sum(1) / m.sum(1)).double().cpu().numpy()
-            if out is None:
-                out = np.empty((len(rows), mean.shape[1]), dtype=np.float64)
-            out[idx] = mean
-            bar.update(len(idx))
-        bar.close()
-    finally:
-        handle.remove()
-        inner.train(was_training)
+    with eval_mode(inner):
+        try:
+            bar = tqdm(total=len(rows), desc="pseudo-sources: embedding", disable=not progress)
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                width = max(len(rows[i]) for i in idx)
+                ids = torch.zeros(len(idx), width, dtype=torch.long)
+                mask = torch.zeros(len(idx), width, dtype=torch.long)
+                for j, i in enumerate(idx):
+                    ids[j, : len(rows[i])] = torch.tensor(rows[i])
+                    mask[j, : len(rows[i])] = 1
+                ids, mask = ids.to(device), mask.to(device)
+                captured.clear()
+                with contextlib.suppress(_StopForward):  # the hook ends the pass at the block
+                    model(input_ids=ids, attention_mask=mask, use_cache=False)
+                if "h" not in captured:
+                    raise RuntimeError("the forward pass never reached the last transformer block")
+                h = captured["h"].float()
+                m = mask.unsqueeze(-1).to(h.dtype)
+                mean = ((h * m).sum(1) / m.sum(1)).double().cpu().numpy()
+                if out is None:
+                    out = np.empty((len(rows), mean.shape[1]), dtype=np.float64)
+                out[idx] = mean
+                bar.update(len(idx))
+            bar.close()
+        finally:
+            handle.remove()
     assert out is not None
     return out
 
