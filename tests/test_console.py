@@ -16,9 +16,9 @@ from tests.integration.test_cli import _config
 
 def test_train_console_shows_a_bar_and_a_summary_not_log_dicts(tmp_path, tiny_model_dir, capfd):
     cfg = _config(tmp_path, tiny_model_dir, "colm")
-    assert (
-        main(["train", str(cfg), "train.steps=3", "eval.at_start=true", "eval.generate=false"]) == 0
-    )
+    # 80 tokens truncate some examples: the data report must say so once
+    args = ["train.steps=3", "eval.at_start=true", "eval.generate=false", "data.max_length=80"]
+    assert main(["train", str(cfg), *args, "data.overflow=truncate"]) == 0
     out, err = capfd.readouterr()
     console = out + err
     # the Trainer's log dicts (with colm's per-source keys) are not printed ...
@@ -35,6 +35,11 @@ def test_train_console_shows_a_bar_and_a_summary_not_log_dicts(tmp_path, tiny_mo
     assert re.search(r"out of domain\s+1\s+\d+\.\d{3}", out)
     assert "training time" in out and "peak memory" in out
     assert f"colm report {tmp_path / 'colm'}" in out
+    # the data report once, as a line of colm's (not also as a warning with its source line)
+    assert console.count("examples kept at max_length=80") == 1
+    assert re.search(r"kept at max_length=80 \([1-9]\d* truncated", console)
+    assert "is_gradient_checkpointing" not in console
+    assert "warnings.warn(" not in console
 
 
 def test_summary_table_groups_and_differences():

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 
@@ -13,6 +14,19 @@ def _offline():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _console_warnings() -> None:
+    """Warnings on one line each (``colm: UserWarning: ...``), without the source line
+    that raised them, and without a deprecation the Trainer raises about its own API."""
+
+    def one_line(message, category, filename, lineno, line=None):
+        return f"colm: {category.__name__}: {message}\n"
+
+    warnings.formatwarning = one_line
+    warnings.filterwarnings(
+        "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
+    )
 
 
 def _train(args) -> int:
@@ -186,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     _offline()
+    _console_warnings()
     from .config import ConfigError
 
     try:

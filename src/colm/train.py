@@ -17,6 +17,7 @@ import resource
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -530,9 +531,11 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
         cfg.validate_data(source_counts(train_records))  # before the model is loaded
     model, tokenizer = build_model(cfg)
     check_feature_block(cfg, model)  # before training starts
-    examples, report = tokenize_records(
-        train_records, tokenizer, max_length=cfg.data.max_length, overflow=cfg.data.overflow
-    )
+    with warnings.catch_warnings():  # the data report below says the same, once
+        warnings.filterwarnings("ignore", message="tokenize_records:")
+        examples, report = tokenize_records(
+            train_records, tokenizer, max_length=cfg.data.max_length, overflow=cfg.data.overflow
+        )
     if auto:  # the clusters become the sources, before anything counts them
         assign_pseudo_sources(cfg, run, model, tokenizer, examples, resume=resume, write=main)
         cfg.validate_data(source_counts(examples))
