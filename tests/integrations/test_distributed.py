@@ -30,10 +30,11 @@ TIMEOUT = 300
 pytestmark = pytest.mark.distributed
 
 
-def launch(out: Path, processes: int, *args: str, expect_ok: bool = True):
+def launch(out: Path, processes: int, *args: str, expect_ok: bool = True, worker: Path = WORKER):
+    """``worker`` under torchrun with ``processes`` processes; each rank's JSON result."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={processes}", str(WORKER), "--out", str(out), *args,
+        f"--nproc_per_node={processes}", str(worker), "--out", str(out), *args,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     try:

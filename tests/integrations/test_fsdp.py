@@ -10,10 +10,6 @@ with a timeout, so a hang (ranks out of step in a collective) fails the test.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,30 +22,16 @@ from colm.features.replay import LastBlockReplay
 from colm.integrations.hf_trainer import _refuse_sharded_parameters
 from tests.conftest import make_tiny
 from tests.integrations.test_distributed import assert_same_run
+from tests.integrations.test_distributed import launch as launch_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests" / "integrations" / "fsdp_worker.py"
-TIMEOUT = 300
 
 pytestmark = pytest.mark.distributed
 
 
 def launch(out: Path, processes: int, *args: str, expect_ok: bool = True):
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={processes}", str(WORKER), "--out", str(out), *args,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    try:
-        proc = subprocess.run(
-            cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT
-        )
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"{processes}-process run hung (no exit within {TIMEOUT} s): {e}")
-    if not expect_ok:
-        return proc
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(processes)]
+    return launch_worker(out, processes, *args, expect_ok=expect_ok, worker=WORKER)
 
 
 def replayed_bytes() -> int:

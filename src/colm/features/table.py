@@ -144,12 +144,12 @@ class StreamedFeatures:
             sums = torch.zeros(len(groups), self.numel, dtype=torch.float64)
         return None if groups is None else self._reduce(sums)
 
-    def batch_moments(self, beta1: float, beta2: float, eps: float) -> Moments:
-        """m = mean g, v = mean g^2 over the finite rows, in one pass (which also
-        finds the finite rows)."""
+    def _sums(self, positions: Sequence[int] | None = None):
+        """One pass: sum g and sum g^2 [D] over the finite rows (of ``positions``), and
+        each row's non-finite flag [n] (zero for rows not visited)."""
         bad = torch.zeros(self.n, dtype=torch.float64)
         s = s2 = None
-        for pos, g in self._pass():
+        for pos, g in self._pass(positions):
             ok = torch.isfinite(g).all(1)
             bad[pos.cpu()] = (~ok).double().cpu()
             g = g[ok].float()
@@ -160,9 +160,15 @@ class StreamedFeatures:
             s2 += (g * g).sum(0)
         if s is None:
             s = s2 = torch.zeros(self.numel, dtype=torch.float32)
-        self._finite = self._reduce(bad) == 0
+        return self._reduce(s), self._reduce(s2), self._reduce(bad)
+
+    def batch_moments(self, beta1: float, beta2: float, eps: float) -> Moments:
+        """m = mean g, v = mean g^2 over the finite rows, in one pass (which also
+        finds the finite rows)."""
+        s, s2, bad = self._sums()
+        self._finite = bad == 0
         count = max(1, int(self._finite.sum()))
-        return Moments(self._reduce(s) / count, self._reduce(s2) / count, beta1, beta2, eps, None)
+        return Moments(s / count, s2 / count, beta1, beta2, eps, None)
 
     def source_features(
         self, groups: Sequence[Sequence[int]], moments: Moments | None, h: int
@@ -190,16 +196,8 @@ class StreamedFeatures:
         return [(k, values[k.to(values.device)]) for k in kept]
 
     def means(self, positions: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean g and mean g^2 [D] over ``positions``: one pass over those rows only."""
-        s = s2 = None
-        for _pos, g in self._pass(list(positions)):
-            g = g.float()
-            if s is None:
-                s = torch.zeros(self.numel, dtype=torch.float32, device=g.device)
-                s2 = torch.zeros_like(s)
-            s += g.sum(0)
-            s2 += (g * g).sum(0)
-        if s is None:
-            s = s2 = torch.zeros(self.numel, dtype=torch.float32)
+        """Mean g and mean g^2 [D] over ``positions`` (finite rows, as the selected
+        ones are): one pass over those rows only."""
+        s, s2, _ = self._sums(list(positions))
         count = max(1, len(positions))
-        return self._reduce(s) / count, self._reduce(s2) / count
+        return s / count, s2 / count
