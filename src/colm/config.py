@@ -20,7 +20,7 @@ import yaml
 
 from .features.locate import VALUE_PROJECTIONS
 from .integrations.hf_trainer import TRAIN_METHODS
-from .selector import SelectorConfig
+from .selector_config import SelectorConfig
 
 
 def _world_size() -> int:
