@@ -520,7 +520,7 @@ def share_features(sel, store: dict) -> None:
     same rows of this batch (same seed: the same zo directions), instead of recomputing."""
     cfg = sel.config
     kind = (cfg.feature, cfg.num_directions if cfg.feature == "zo" else 0)
-    compute = sel._compute_features
+    compute = sel._feature_table
 
     def cached(model, batch, rows, b, info, stats):
         key = (kind, tuple(rows))
@@ -530,7 +530,7 @@ def share_features(sel, store: dict) -> None:
             store[("seconds", *key)] = time.perf_counter() - t0
         return store[key]
 
-    sel._compute_features = cached
+    sel._feature_table = cached
 
 
 # --------------------------------------------------------------------------- one batch
@@ -734,8 +734,8 @@ def measure_batch(ctx, batch, seed: int) -> dict[str, Any]:
         entries = [(k[1], v) for k, v in store.items() if k[0] == kind]
         if not entries:
             continue
-        rows, raw = max(entries, key=lambda e: len(e[0]))
-        raw = raw.cpu().float()
+        rows, table = max(entries, key=lambda e: len(e[0]))
+        raw = table.g.cpu().float()  # a DenseFeatures: LoRA blocks are never streamed
         pos = {r: t for t, r in enumerate(rows)}
         views = {
             "raw_l1": raw,
