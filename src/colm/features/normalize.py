@@ -120,17 +120,14 @@ class AdamNormalizer:
             return
         g = g_selected.float()
         # the moments the features were normalised with (warm start: the whole batch's)
-        self.update_means(g.mean(0), (g * g).mean(0), self._used or self.moments(g))
-
-    def update_means(
-        self, mean: torch.Tensor, mean_sq: torch.Tensor, used: Moments | None = None
-    ) -> None:
-        """:meth:`update` from the selected examples' mean g and mean g^2 [D]; ``used``:
-        the moments their features were normalised with (default: those of the last
-        :meth:`normalize`)."""
-        base = used or self._used or self.moments_for(mean.numel(), _no_batch)
+        used = self._used or self.moments(g)
         self._used = None
-        m, v = base.m.to(mean.device, torch.float32), base.v.to(mean.device, torch.float32)
+        self.update_means(g.mean(0), (g * g).mean(0), used)
+
+    def update_means(self, mean: torch.Tensor, mean_sq: torch.Tensor, used: Moments) -> None:
+        """:meth:`update` from the selected examples' mean g and mean g^2 [D] and the
+        moments ``used`` to normalise their features (:meth:`moments_for`)."""
+        m, v = used.m.to(mean.device, torch.float32), used.v.to(mean.device, torch.float32)
         self.m = (self.beta1 * m + (1 - self.beta1) * mean.float()).cpu()
         self.v = (self.beta2 * v + (1 - self.beta2) * mean_sq.float()).cpu()
         self.step += 1
@@ -146,13 +143,6 @@ class AdamNormalizer:
                 "the SelectorConfig.moments the state was saved with"
             )
         self.m, self.v, self.step = state["m"], state["v"], int(state["step"])
-
-
-def _no_batch() -> Moments:
-    raise ValueError(
-        "a warm-started AdamNormalizer was updated before its first normalize(): it has "
-        "no batch statistics to start from"
-    )
 
 
 def optimizer_moments(optimizer, block) -> Moments | None:
