@@ -84,6 +84,10 @@ class DataSettings:
     # default source column falls back to "auto" with a notice.
     sources: str = "column"
     num_sources: int | None = None  # clusters with sources="auto"; None: chosen by silhouette
+    # sources="auto": a folder shared by runs, where the pseudo-source embeddings are kept
+    # under their fingerprint (model, dtype, every example's tokens) and reused by every
+    # run on the same data and model (None: only the run directory keeps them)
+    embeddings_cache: str | None = None
 
 
 @dataclass
@@ -216,6 +220,17 @@ class RunConfig:
                 d.num_sources,
                 "an integer >= 1 (clusters used as sources with data.sources=auto) or null "
                 "(chosen automatically)",
+            )
+        if d.embeddings_cache is not None and (
+            not isinstance(d.embeddings_cache, str)
+            or not d.embeddings_cache
+            or (Path(d.embeddings_cache).exists() and not Path(d.embeddings_cache).is_dir())
+        ):
+            bad(
+                "data.embeddings_cache",
+                d.embeddings_cache,
+                "a folder (created if missing) shared by runs for the pseudo-source "
+                "embeddings, or null",
             )
         self._validate_lora()
         self._validate_dtype()

@@ -632,10 +632,10 @@ PSEUDO_EMBEDDINGS_FILE = "pseudo_sources_embeddings.npy"
 
 
 def _fingerprint(cfg: RunConfig, examples: list[dict]) -> str:
-    """Identifies the embedded data: the model and every example's tokens."""
+    """Identifies the embedded data: the model, its dtype and every example's tokens."""
     import hashlib
 
-    h = hashlib.sha256(cfg.model.name.encode())
+    h = hashlib.sha256(f"{cfg.model.name}|{cfg.model.dtype}|".encode())
     for ex in examples:
         h.update(np.asarray(ex["input_ids"], dtype=np.int64).tobytes() + b"|")
     return h.hexdigest()
@@ -682,6 +682,13 @@ def assign_pseudo_sources(
             _log(f"pseudo-sources: reusing the embeddings in {cache}")
         elif cache.exists():
             cache.unlink()
+        shared = None
+        if cfg.data.embeddings_cache is not None:
+            shared = Path(cfg.data.embeddings_cache) / f"pseudo_sources_{fingerprint[:32]}.npy"
+            if embeddings is None and shared.exists():
+                embeddings = _shared_embeddings(shared, model, examples)
+                if embeddings is not None:
+                    shared = None  # nothing new to write there
         if embeddings is None:
             from .data.pseudo_sources import embed_examples
 
@@ -701,6 +708,11 @@ def assign_pseudo_sources(
             record["ari_vs_labels"] = adjusted_rand_index(truth, result.labels)
         if write:
             np.save(cache, embeddings)
+            if shared is not None:  # computed or taken from the run directory here
+                shared.parent.mkdir(parents=True, exist_ok=True)
+                tmp_npy = shared.with_name(shared.stem + f".{os.getpid()}.tmp.npy")
+                np.save(tmp_npy, embeddings)
+                tmp_npy.replace(shared)  # atomic: runs sharing the folder never see half a file
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(record, indent=1))
             tmp.replace(path)
@@ -716,6 +728,46 @@ def assign_pseudo_sources(
         + f"; assignment in {path}"
     )
     return record
+
+
+SPOT_CHECK_EXAMPLES = 2
+SPOT_CHECK_COSINE = 0.999
+
+
+def _shared_embeddings(path: Path, model, examples: list[dict]) -> np.ndarray | None:
+    """The embeddings in a shared cache file, or None (with a notice) when they do not fit.
+
+    The fingerprint names the model by its name, not its weights, so a spot check
+    embeds the first examples again: different weights under the same name (a model
+    fine-tuned and saved in place) give different embeddings, and the cache is redone.
+    """
+    from .data.pseudo_sources import embed_examples
+
+    try:
+        cached = np.load(path)
+    except (OSError, ValueError) as exc:
+        _log(f"pseudo-sources: {path} is unreadable ({exc}); embedding again")
+        return None
+    if cached.ndim != 2 or len(cached) != len(examples):
+        _log(f"pseudo-sources: {path} holds {cached.shape}, not {len(examples)} rows; redoing it")
+        return None
+    n = min(SPOT_CHECK_EXAMPLES, len(examples))
+    fresh = embed_examples(model, examples[:n], progress=False)
+    if fresh.shape[1] != cached.shape[1]:
+        _log(f"pseudo-sources: {path} was made by another model (width); embedding again")
+        return None
+    old = cached[:n]
+    cos = (fresh * old).sum(1) / np.maximum(
+        np.linalg.norm(fresh, axis=1) * np.linalg.norm(old, axis=1), 1e-30
+    )
+    if float(cos.min()) < SPOT_CHECK_COSINE:
+        _log(
+            f"pseudo-sources: {path} does not match this model's embeddings "
+            f"(cosine {float(cos.min()):.4f} on a spot check); embedding again"
+        )
+        return None
+    _log(f"pseudo-sources: reusing the shared embeddings in {path}")
+    return cached
 
 
 def _place_tensorboard(trainer, folder: Path) -> None:

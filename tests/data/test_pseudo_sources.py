@@ -235,6 +235,55 @@ def test_config_keys_are_checked(tmp_path, tiny_model_dir, capsys):
     assert "data.num_sources" in capsys.readouterr().err
 
 
+def test_runs_share_the_embeddings_cache(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """data.embeddings_cache: the second run on the same data and model embeds only the
+    spot-check examples, and clusters the same; a cache that does not match the model
+    is redone, with a notice; a file where the folder should be is a config error."""
+    import sys
+
+    cfg, _ = _unlabelled_run(tmp_path, tiny_model_dir)
+    cache = tmp_path / "embeddings"
+    module = sys.modules["colm.data.pseudo_sources"]
+    real = module.embed_examples
+    sizes: list[int] = []
+
+    def counted(model, examples, *a, **k):
+        sizes.append(len(examples))
+        return real(model, examples, *a, **k)
+
+    monkeypatch.setattr(module, "embed_examples", counted)
+
+    def run(name: str) -> dict:
+        args = ["train", str(cfg), f"output_dir={tmp_path / name}", "train.steps=1"]
+        assert main([*args, f"data.embeddings_cache={cache}", "data.num_sources=3"]) == 0
+        return json.loads((tmp_path / name / "pseudo_sources.json").read_text())
+
+    first = run("a")
+    n = sum(SOURCES.values())
+    assert sizes == [n]
+    (file,) = cache.glob("pseudo_sources_*.npy")
+    np.testing.assert_array_equal(
+        np.load(file), np.load(tmp_path / "a" / "pseudo_sources_embeddings.npy")
+    )
+    sizes.clear()
+    assert run("b")["labels"] == first["labels"]
+    assert sizes == [2]  # the spot check only
+    assert "reusing the shared embeddings" in capsys.readouterr().err
+
+    planted = np.random.default_rng(0).normal(size=np.load(file).shape)  # another model's
+    np.save(file, planted)
+    sizes.clear()
+    assert run("c")["labels"] == first["labels"]
+    assert sizes == [2, n]
+    assert "does not match this model's embeddings" in capsys.readouterr().err
+    assert not np.array_equal(np.load(file), planted)  # redone for the next run
+
+    (tmp_path / "not_a_folder").write_text("x")
+    args = ["train", str(cfg), f"data.embeddings_cache={tmp_path / 'not_a_folder'}"]
+    assert main(args) == 2
+    assert "data.embeddings_cache=" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("as_dataset", [False, True])
 def test_trainer_without_source_column(tmp_path, as_dataset):
     """CoLMTrainer(source_column=None) clusters its training set and selects by cluster."""
