@@ -97,6 +97,22 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
         [*PAPER, "selector.feature=exact", "selector.method=match"],
         "exact features, gradient matching per source",
     ),
+    # data without source labels (the labels of the built-in mixture hidden): the clusters
+    # of the model's hidden states are the sources (docs/pseudo_sources.md); the held-out
+    # loss is still reported per true source
+    "random_big_pseudo": (
+        [
+            "train.method=colm",
+            "selector.preset=paper",
+            "selector.method=random_big",
+            "data.sources=auto",
+        ],
+        "random_big on pseudo-sources (k-means clusters of the hidden states, k by silhouette)",
+    ),
+    "colm_pseudo": (
+        [*PAPER, "data.sources=auto"],
+        "CoLM as the paper configures it, on pseudo-sources instead of the true sources",
+    ),
     "match_exact_opt": (
         [
             *PAPER,
@@ -111,6 +127,7 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
 PROTOCOL = ["full", "accumulate", "random", "random_b2", "random_big", "colm"]
 ABLATIONS = ["no_small", "no_adam", "joint", "cluster_weights"]
 CANDIDATES = ["match_exact_opt", "exact", "exact_match"]
+PSEUDO = ["random_big_pseudo", "colm_pseudo"]
 REFERENCES = ("random_big", "random", "full", "colm")  # paired against, when present
 
 # the --quick set-up: a tiny model, a small mixture, 4 steps
@@ -131,7 +148,7 @@ def log(msg: str) -> None:
 
 
 def parse_variants(text: str) -> list[str]:
-    groups = {"protocol": PROTOCOL, "all": PROTOCOL + ABLATIONS + CANDIDATES}
+    groups = {"protocol": PROTOCOL, "all": PROTOCOL + ABLATIONS + CANDIDATES + PSEUDO}
     names: list[str] = []
     for part in text.split(","):
         part = part.strip()
@@ -171,8 +188,12 @@ def resolved_config(config: Path, overrides: list[str]) -> dict[str, Any]:
 
 
 def _key(cfg: dict[str, Any]) -> dict[str, Any]:
-    """What decides a run's result: the resolved configuration without where it is written."""
-    return {k: v for k, v in cfg.items() if k not in ("output_dir", "name")}
+    """What decides a run's result: the resolved configuration without where it is written
+    (nor where the pseudo-source embeddings are cached: the same either way)."""
+    out = {k: v for k, v in cfg.items() if k not in ("output_dir", "name")}
+    if isinstance(out.get("data"), dict):
+        out["data"] = {k: v for k, v in out["data"].items() if k != "embeddings_cache"}
+    return out
 
 
 def same_config(stored: Any, want: Any, defaults: Any) -> bool:
@@ -226,7 +247,19 @@ def record_of(run_dir: Path) -> dict[str, Any]:
             {k: p[k] for k in ("step", "wall_time", "loss", "loss_in", "loss_out")} for p in curve
         ],
         "eval_s": ev.get("seconds"),
+        **_pseudo_record(run_dir),
     }
+
+
+def _pseudo_record(run_dir: Path) -> dict[str, Any]:
+    """A pseudo-source run's clustering: k, the sizes and the agreement with the hidden
+    true sources (adjusted Rand index); nothing for a run on the true sources."""
+    path = run_dir / "pseudo_sources.json"
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    keep = ("k", "sizes", "ari_vs_labels", "embedding_s")
+    return {"pseudo_sources": {k: saved[k] for k in keep if k in saved}}
 
 
 def run_one(config, overrides, run_dir, record_path, env, timeout, force) -> dict | None:
@@ -313,7 +346,8 @@ def record_of_steps(run_dir: Path) -> list[float]:
 def base_point(config: Path, common: list[str], path: Path) -> dict[str, Any]:
     """Held-out loss of the untrained model (LoRA B = 0: the base model), measured once."""
     cfg_dict = resolved_config(config, common)
-    want = {"model": cfg_dict["model"]["name"], "data": cfg_dict["data"], "eval": cfg_dict["eval"]}
+    data = _key(cfg_dict)["data"]
+    want = {"model": cfg_dict["model"]["name"], "data": data, "eval": cfg_dict["eval"]}
     if path.exists():
         rec = json.loads(path.read_text())
         d = _defaults()
@@ -628,6 +662,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps:
         common.append(f"train.steps={args.steps}")
     common += args.set
+    # pseudo-source variants embed the training data once, for every seed and variant
+    common.append(f"data.embeddings_cache={out / 'runs' / 'embeddings'}")
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     if args.device == "cpu":

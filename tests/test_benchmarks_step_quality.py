@@ -248,7 +248,7 @@ def test_bench_quality_quick(tmp_path, tiny_model_dir):
         "--model",
         str(tiny_model_dir),
         "--variants",
-        "full,random,random_big,colm",
+        "full,random,random_big,colm,random_big_pseudo",
         "--out",
         str(tmp_path),
     ]
@@ -256,7 +256,7 @@ def test_bench_quality_quick(tmp_path, tiny_model_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "quality.json").read_text())
     assert data["seeds"] == [0] and data["settings"]["steps"] == 4
-    assert set(data["variants"]) == {"full", "random", "random_big", "colm"}
+    assert set(data["variants"]) == {"full", "random", "random_big", "colm", "random_big_pseudo"}
     for v in data["variants"].values():
         (run,) = v["runs"]
         assert [p["step"] for p in run["heldout"]] == [2, 4]  # eval.every=2 in --quick
@@ -264,6 +264,18 @@ def test_bench_quality_quick(tmp_path, tiny_model_dir):
         assert v["time_per_step_s"] > 0
     assert data["analysis"]["time_budget_s"] > 0
     assert set(data["analysis"]["comparisons"]["colm"]) == {"random_big", "random", "full"}
+    assert {"random_big", "random"} <= set(data["analysis"]["comparisons"]["random_big_pseudo"])
+    # the pseudo-source run clustered the mixture with its labels hidden, and says how well
+    (pseudo,) = data["variants"]["random_big_pseudo"]["runs"]
+    clusters = json.loads((tmp_path / "finished" / "random_big_pseudo-seed0.json").read_text())
+    assert (
+        clusters["pseudo_sources"]["k"] >= 2
+        and -1 <= clusters["pseudo_sources"]["ari_vs_labels"] <= 1
+    )
+    assert clusters["pseudo_sources"]["embedding_s"] > 0
+    assert "pseudo_sources" not in json.loads(
+        (tmp_path / "finished" / "colm-seed0.json").read_text()
+    )
     for png in ("heldout_vs_step.png", "heldout_vs_time.png", "heldout_per_source.png"):
         assert (tmp_path / png).stat().st_size > 0
     md = (tmp_path / "quality.md").read_text()
@@ -277,7 +289,7 @@ def test_bench_quality_quick(tmp_path, tiny_model_dir):
     shutil.rmtree(tmp_path / "runs")
     again = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stderr.count("reused") == 4
+    assert again.stderr.count("reused") == 5
 
 
 def test_run_order(quality):

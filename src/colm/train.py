@@ -689,10 +689,13 @@ def assign_pseudo_sources(
                 embeddings = _shared_embeddings(shared, model, examples)
                 if embeddings is not None:
                     shared = None  # nothing new to write there
+        embedding_s = 0.0  # seconds spent embedding in this run (0: reused)
         if embeddings is None:
             from .data.pseudo_sources import embed_examples
 
+            t0 = time.perf_counter()
             embeddings = embed_examples(model, examples)
+            embedding_s = time.perf_counter() - t0
         result = pseudo_sources(
             model,
             examples,
@@ -701,7 +704,7 @@ def assign_pseudo_sources(
             progress=False,
             embeddings=embeddings,
         )
-        record = {"fingerprint": fingerprint, **result.as_dict()}
+        record = {"fingerprint": fingerprint, **result.as_dict(), "embedding_s": embedding_s}
         record["first_words"] = first_words(tokenizer, examples, result.typical)
         truth = [ex.get("source") for ex in examples]
         if len(set(truth)) > 1:  # labelled data clustered anyway: how well it agrees
