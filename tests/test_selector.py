@@ -20,6 +20,7 @@ def mixed_sources(n, seed=0):
 
 def make_selector(**kw):
     kw.setdefault("check_replay", False)
+    kw.setdefault("method", "colm")
     return CoresetSelector(SelectorConfig(**kw), COUNTS)
 
 
@@ -241,7 +242,7 @@ def test_config_validation_names_the_key(kw, key):
 def test_replay_check_catches_an_unreproduced_head(batch):
     model = make_tiny("llama", lora=True)
     model.config.final_logit_softcapping = 0.01  # Llama ignores it; the replay would not
-    sel = CoresetSelector(SelectorConfig(), COUNTS)
+    sel = CoresetSelector(SelectorConfig(method="colm"), COUNTS)
     with pytest.raises(ReplayMismatchError, match="does not reproduce"):
         sel.select(model, batch)
 
@@ -283,7 +284,7 @@ def test_out_of_memory_in_selection_names_the_setting(model, batch, monkeypatch,
         raise error
 
     monkeypatch.setattr(GradientFeatures, "compute", boom)
-    sel = CoresetSelector(SelectorConfig(ratio=0.5, feature=feature, chunk_size=3), COUNTS)
+    sel = CoresetSelector(SelectorConfig(method="colm", ratio=0.5, feature=feature, chunk_size=3), COUNTS)
     with pytest.raises(SelectionOutOfMemoryError, match=r"lower the selector's chunk_size \(now 3"):
         sel.select(model, batch)
     if feature == "exact":
@@ -296,6 +297,6 @@ def test_other_runtime_errors_in_selection_are_not_called_out_of_memory(model, b
         raise RuntimeError("shape mismatch")
 
     monkeypatch.setattr(GradientFeatures, "compute", boom)
-    sel = CoresetSelector(SelectorConfig(ratio=0.5), COUNTS)
+    sel = CoresetSelector(SelectorConfig(method="colm", ratio=0.5), COUNTS)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         sel.select(model, batch)

@@ -48,7 +48,7 @@ def test_cosine_to_exact_gradient_rises_with_directions_as_theory_says():
 
 
 def _selector(**kw):
-    cfg = SelectorConfig(ratio=0.5, small_sources=[], check_replay=False, **kw)
+    cfg = SelectorConfig(method="colm", ratio=0.5, small_sources=[], check_replay=False, **kw)
     return CoresetSelector(cfg, {"a": 100, "b": 100})
 
 

@@ -93,6 +93,7 @@ def run_trainer(a, rank: int, world: int) -> dict:
         dataloader_drop_last=True,
     )
     cfg = SelectorConfig(
+        method="colm",
         ratio=0.5,
         feature=a.feature,
         num_directions=2,
@@ -128,6 +129,7 @@ def run_loop(a, rank: int, world: int) -> dict:
     small = ["small1", "small2"]
     counts = dict(SOURCES)
     cfg = SelectorConfig(
+        method="colm",
         ratio=0.5,
         size=a.coreset or None,
         feature=a.feature,

@@ -94,6 +94,7 @@ def run_loop(a, rank: int, world: int) -> dict:
         model = shard(model, a.shard, a.mixed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     cfg = SelectorConfig(
+        method="colm",
         ratio=0.5,
         size=a.coreset or None,
         feature=a.feature,

@@ -61,7 +61,7 @@ def _lora_params(model):
 def _train(tmp_path, method, weights="uniform", steps=1, spy_selection=None, **kw):
     model = _no_dropout(make_tiny("llama", lora=True, seed=1))
     start = copy.deepcopy(model)
-    cfg = SelectorConfig(ratio=0.5, weights=weights, check_replay=False)
+    cfg = SelectorConfig(method="colm", ratio=0.5, weights=weights, check_replay=False)
     trainer = CoLMTrainer(
         model=model,
         args=_args(tmp_path, max_steps=steps, **kw),
@@ -216,7 +216,7 @@ def test_sft_trainer_selects_and_trains(tmp_path, chat_tokenizer):
         args=args,
         train_dataset=datasets.Dataset.from_list(rows),
         processing_class=chat_tokenizer,
-        colm_config=SelectorConfig(ratio=0.5, check_replay=False),
+        colm_config=SelectorConfig(method="colm", ratio=0.5, check_replay=False),
     )
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     trainer.train()

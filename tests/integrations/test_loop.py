@@ -23,7 +23,7 @@ def test_coreset_step_equals_manual_step_on_selection(weights, micro):
     start = copy.deepcopy(model)
     batch = make_batch(n=12, sources=["a"] * 6 + ["b"] * 5 + ["s"], seed=9)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    selector = CoresetSelector(SelectorConfig(weights=weights, check_replay=False), COUNTS)
+    selector = CoresetSelector(SelectorConfig(method="colm", weights=weights, check_replay=False), COUNTS)
     out = coreset_step(model, opt, selector, batch, micro_batches=micro)
     idx, w = out.selection.indices, out.selection.weights
     assert len(idx) == 6 and 11 in idx.tolist()  # the small source's example is kept
@@ -60,11 +60,11 @@ def test_optimizer_moments_come_from_the_optimizer_that_trains(feature, monkeypa
     batch = make_batch(n=12, sources=["a"] * 6 + ["b"] * 5 + ["s"], seed=9)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     kw = dict(feature=feature, num_directions=3, check_replay=False, seed=4)
-    selector = CoresetSelector(SelectorConfig(moments="optimizer", **kw), COUNTS)
-    warm = CoresetSelector(SelectorConfig(moments="warm", **kw), COUNTS)
+    selector = CoresetSelector(SelectorConfig(method="colm", moments="optimizer", **kw), COUNTS)
+    warm = CoresetSelector(SelectorConfig(method="colm", moments="warm", **kw), COUNTS)
     with pytest.raises(ValueError, match="optimizer=optimizer"):
         selector.select(model, batch)
-    selector = CoresetSelector(SelectorConfig(moments="optimizer", **kw), COUNTS)
+    selector = CoresetSelector(SelectorConfig(method="colm", moments="optimizer", **kw), COUNTS)
     first = selector.select(model, batch, optimizer=opt)
     assert torch.equal(first.indices, warm.select(model, batch).indices)
     assert selector.normalizer.m is None  # the selector keeps no moments of its own

@@ -55,7 +55,7 @@ def test_trainer_trains_in_mixed_precision(tmp_path, monkeypatch, dtype, flag):
         args=_args(tmp_path, max_steps=2, learning_rate=1e-2, **{flag: True}),
         train_dataset=_dataset(),
         data_collator=collate_rows,
-        colm_config=SelectorConfig(ratio=0.5, check_replay=True),
+        colm_config=SelectorConfig(method="colm", ratio=0.5, check_replay=True),
         source_counts=COUNTS,
     )
     trainer.train()
@@ -96,7 +96,7 @@ def test_checkpointed_coreset_step_equals_plain_step(reentrant):
         )
         before = _lora_params(model)
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-        sel = CoresetSelector(SelectorConfig(ratio=0.5, small_sources=[]), {"a": 100, "b": 100})
+        sel = CoresetSelector(SelectorConfig(method="colm", ratio=0.5, small_sources=[]), {"a": 100, "b": 100})
         out = coreset_step(model, opt, sel, batch, micro_batches=2)
         results.append((out, _lora_params(model), before))
     (plain, w_plain, w0), (ckpt, w_ckpt, _) = results
@@ -227,7 +227,7 @@ def test_smollm2_checkpointed_coreset_step_equals_plain_step(reentrant):
                 model.enable_input_require_grads()
         model.train()
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-        sel = CoresetSelector(SelectorConfig(ratio=0.5, small_sources=[]), {"a": 100, "b": 100})
+        sel = CoresetSelector(SelectorConfig(method="colm", ratio=0.5, small_sources=[]), {"a": 100, "b": 100})
         out = coreset_step(model, opt, sel, batch, micro_batches=2)
         results.append((out.selection.indices.tolist(), out.loss, _lora_params(model)))
     (idx_plain, loss_plain, w_plain), (idx, loss, w) = results
