@@ -32,7 +32,9 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -163,19 +165,16 @@ def measure_sharded(args) -> None:
     out.loss.backward()
     train = mem.peak()
     model.zero_grad(set_to_none=True)
-    print(
-        json.dumps(
-            {
-                "rank": rank,
-                "whole_mb": whole / 2**20,
-                "local_mb": local / 2**20,
-                "gathered_mb": feats.replay.gathered_bytes / 2**20,
-                "selection_mb": selection,
-                "train_mb": train,
-            }
-        ),
-        flush=True,
-    )
+    record = {
+        "rank": rank,
+        "whole_mb": whole / 2**20,
+        "local_mb": local / 2**20,
+        "gathered_mb": feats.replay.gathered_bytes / 2**20,
+        "selection_mb": selection,
+        "train_mb": train,
+    }
+    # one file per rank: lines printed by several processes to one pipe can interleave
+    Path(args.ranks_dir, f"rank{rank}.json").write_text(json.dumps(record))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -186,14 +185,14 @@ def run_sharded(args) -> None:
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc_per_node={args.fsdp}", __file__, "--phase", "fsdp",
     ] + [
-        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("phase", "repeats")
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("phase", "repeats", "ranks_dir")
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.fsdp))}
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
-    ranks = sorted(
-        (json.loads(line) for line in out.splitlines() if line.startswith('{"rank"')),
-        key=lambda r: r["rank"],
-    )
+    with tempfile.TemporaryDirectory() as ranks_dir:
+        subprocess.run(
+            cmd + [f"--ranks-dir={ranks_dir}"], capture_output=True, text=True, check=True, env=env
+        )
+        ranks = [json.loads(Path(ranks_dir, f"rank{r}.json").read_text()) for r in range(args.fsdp)]
     print(
         f"## Selection on an FSDP2 model, {args.fsdp} processes ({args.device}), "
         f"source batch {args.batch} x {args.seq} tokens -> coreset {args.coreset}, "
@@ -229,6 +228,7 @@ def main() -> None:
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--phase", help=argparse.SUPPRESS)
+    p.add_argument("--ranks-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     if args.phase == "fsdp":
@@ -272,7 +272,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--phase", phase] + [
             f"--{k.replace('_', '-')}={v}"
             for k, v in vars(args).items()
-            if k not in ("phase", "repeats")
+            if k not in ("phase", "repeats", "ranks_dir")
         ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
