@@ -32,8 +32,11 @@ batch = {
     "source": ["gsm"] * 9 + ["aqua"] * 5 + ["gcd"] * 2,
 }
 # examples per source in the whole training set: "gcd" is small (below the mean), kept whole
-selector = CoresetSelector(SelectorConfig(ratio=0.5), {"gsm": 9000, "aqua": 7000, "gcd": 120})
+counts = {"gsm": 9000, "aqua": 7000, "gcd": 120}
+selector = CoresetSelector(SelectorConfig(ratio=0.5), counts)  # random picks in big sources
+paper = CoresetSelector(SelectorConfig.preset("paper", ratio=0.5), counts)  # medoids of features
 for step in range(2):
-    sel = selector.select(model, batch)
-    print(step, sel.indices.tolist(), sel.stats["sources"])
-state = selector.state_dict()  # Adam moments, generator, step: save it with your checkpoint
+    for name, s in (("default", selector), ("paper", paper)):
+        sel = s.select(model, batch)
+        print(step, name, sel.indices.tolist(), sel.stats["sources"])
+state = paper.state_dict()  # Adam moments, generator, step: save it with your checkpoint

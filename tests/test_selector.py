@@ -284,7 +284,9 @@ def test_out_of_memory_in_selection_names_the_setting(model, batch, monkeypatch,
         raise error
 
     monkeypatch.setattr(GradientFeatures, "compute", boom)
-    sel = CoresetSelector(SelectorConfig(method="colm", ratio=0.5, feature=feature, chunk_size=3), COUNTS)
+    sel = CoresetSelector(
+        SelectorConfig(method="colm", ratio=0.5, feature=feature, chunk_size=3), COUNTS
+    )
     with pytest.raises(SelectionOutOfMemoryError, match=r"lower the selector's chunk_size \(now 3"):
         sel.select(model, batch)
     if feature == "exact":

@@ -117,8 +117,9 @@ def test_lora_targets_without_the_value_projection(tmp_path, data_file, model_lo
         assert repr(name) in msg
 
 
+@pytest.mark.parametrize("method", ["colm", "match"])
 def test_lora_not_on_the_last_blocks_value_projection(
-    tmp_path, data_file, tiny_model_dir, monkeypatch
+    tmp_path, data_file, tiny_model_dir, monkeypatch, method
 ):
     # passes the config check (a v_proj target) but adapts layer 0 only: found once the
     # model is built, before anything is tokenized or trained
@@ -126,7 +127,8 @@ def test_lora_not_on_the_last_blocks_value_projection(
     with pytest.raises(ConfigError) as info:
         run_training(
             load_config(
-                _config(tmp_path, data_file, tiny_model_dir), [f"model.lora.targets=[{targets}]"]
+                _config(tmp_path, data_file, tiny_model_dir),
+                [f"model.lora.targets=[{targets}]", f"selector.method={method}"],
             )
         )
     msg = str(info.value)
@@ -135,6 +137,21 @@ def test_lora_not_on_the_last_blocks_value_projection(
     assert "model.layers.1.self_attn.v_proj" in msg  # what the locator wanted
     run = tmp_path / "run"
     assert not (run / "data_report.json").exists() and not (run / "checkpoints").exists()
+
+
+def test_random_big_needs_no_feature_block(tmp_path, data_file, tiny_model_dir):
+    # the default selection (random_big) computes no gradient features, so LoRA anywhere
+    # is fine: the block check that refuses the same model for colm/match lets it pass
+    cfg = load_config(
+        _config(tmp_path, data_file, tiny_model_dir),
+        ["model.lora.targets=[model.layers.0.self_attn.v_proj]"],
+    )
+    assert cfg.selector_config().method == "random_big"
+    model, _ = colm.train.build_model(cfg)
+    colm.train.check_feature_block(cfg, model)  # no error
+    cfg.selector["method"] = "colm"
+    with pytest.raises(ConfigError, match="value projection of the last"):
+        colm.train.check_feature_block(cfg, model)
 
 
 # -- the data -----------------------------------------------------------------------

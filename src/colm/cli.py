@@ -46,6 +46,9 @@ def _train(args) -> int:
             raise FileNotFoundError("give a config file (colm train CONFIG) or --resume RUN_DIR")
         cfg = load_config(args.config, args.overrides)
         run = run_training(cfg)
+    from .distributed import end_process_group
+
+    end_process_group()  # under torchrun / accelerate launch; nothing otherwise
     print(f"run directory  {run}")
     return 0
 
@@ -81,20 +84,32 @@ def _select(args) -> int:
     )
     from .models import add_lora, load_model
 
+    chosen = {"feature": args.feature, "num_directions": args.directions}
+    try:
+        cfg = SelectorConfig(
+            ratio=args.ratio,
+            method=args.method,
+            seed=args.seed,
+            **{k: v for k, v in chosen.items() if v is not None},
+        )
+    except ValueError as e:
+        print(f"colm select: {e}", file=sys.stderr)
+        return 2
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model)
     model = add_lora(model)
     print(f"model: {args.model} + LoRA; feature block: {find_value_block(model).describe()}")
+    print(
+        f"selection: method={cfg.method}"
+        + (f", feature={cfg.feature}" if cfg.method in ("colm", "match") else " (no features)")
+    )
     mixture = build_default_mixture(MixtureSpec(seed=args.seed))
     gen = torch.Generator().manual_seed(args.seed)
     pool = list(mixture.train)
     if args.pseudo_sources:
         pool = _pseudo_source_pool(args, model, tokenizer, pool, gen)
     counts = source_counts(pool)
-    cfg = SelectorConfig(
-        ratio=args.ratio, feature=args.feature, num_directions=args.directions, seed=args.seed
-    )
     selector = CoresetSelector(cfg, counts)
     what = "the pool" if args.pseudo_sources else "the training mixture"
     print(f"{what} (examples per source; * = small, kept whole):")
@@ -158,6 +173,8 @@ def _pseudo_source_pool(args, model, tokenizer, records: list[dict], gen) -> lis
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .selector_config import FEATURES, METHODS, SelectorConfig
+
     parser = argparse.ArgumentParser(prog="colm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -182,8 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--batch", type=int, default=32, help="source batch size")
     p.add_argument("--ratio", type=float, default=0.5)
-    p.add_argument("--feature", default="zo", choices=["zo", "exact"])
-    p.add_argument("--directions", type=int, default=1)
+    p.add_argument(
+        "--method",
+        default=SelectorConfig().method,
+        choices=list(METHODS),
+        help="selection (default %(default)s; colm: the paper's facility location on features)",
+    )
+    p.add_argument("--feature", default=None, choices=list(FEATURES), help="colm/match: zo")
+    p.add_argument("--directions", type=int, default=None, help="zo directions (colm/match: 1)")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--show", type=int, default=8)

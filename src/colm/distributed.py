@@ -147,3 +147,13 @@ def all_reduce_sum(value: torch.Tensor, info: ProcessInfo) -> torch.Tensor:
     out = value.detach().to(_comm_device(info, device)).clone()
     dist.all_reduce(out, group=info.group)
     return out.to(device)
+
+
+def end_process_group() -> None:
+    """After a run that finished on every process: wait for all of them, then destroy the
+    default process group. Left to interpreter exit, gloo's teardown can abort a rank
+    ("terminate called without an active exception") and fail the launcher."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

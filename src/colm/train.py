@@ -129,9 +129,10 @@ def build_model(cfg: RunConfig):
 
 
 def check_feature_block(cfg: RunConfig, model) -> None:
-    """For train.method='colm': the built model must have the block whose gradient is the
-    selection feature (with LoRA: LoRA on the last block's value projection)."""
-    if cfg.train.method != "colm":
+    """For train.method='colm' with a selection that uses gradient features
+    (selector.method colm or match): the built model must have the block whose gradient
+    is the selection feature (with LoRA: LoRA on the last block's value projection)."""
+    if cfg.train.method != "colm" or cfg.selector_config().method not in ("colm", "match"):
         return
     from .features.locate import BlockNotFoundError, find_value_block
 

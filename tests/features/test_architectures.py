@@ -144,7 +144,9 @@ def test_one_selection_step_with_lora(arch: str) -> None:
     model = _model(arch, True)
     before = [p.detach().clone() for p in model.parameters()]
     batch = make_batch(n=8, max_len=12, seed=6, sources=["a", "b"] * 4)
-    selector = CoresetSelector(SelectorConfig(method="colm", ratio=0.5, small_sources=[]), {"a": 100, "b": 100})
+    selector = CoresetSelector(
+        SelectorConfig(method="colm", ratio=0.5, small_sources=[]), {"a": 100, "b": 100}
+    )
     selection = selector.select(model, batch)
     assert len(selection.indices) == 4
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))

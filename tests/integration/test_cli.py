@@ -197,10 +197,19 @@ def test_heldout_curve_during_training(tmp_path, tiny_model_dir):
 
 
 def test_select_shows_the_picks_per_source(tiny_model_dir, capsys):
-    assert main(["select", "--model", str(tiny_model_dir), "--batch", "16", "--steps", "1"]) == 0
+    args = ["select", "--model", str(tiny_model_dir), "--batch", "16", "--steps", "1"]
+    assert main(args) == 0
     out = capsys.readouterr().out
     assert "basic_arithmetic" in out and "source batch 16, coreset 8" in out
     assert "cluster_" not in out
+    assert "selection: method=random_big (no features)" in out  # the default
+    assert "features 0.00 s" in out
+    # the paper's selection computes features; feature settings without it are refused
+    assert main([*args, "--method", "colm", "--feature", "exact"]) == 0
+    out = capsys.readouterr().out
+    assert "selection: method=colm, feature=exact" in out
+    assert main([*args, "--feature", "exact"]) == 2
+    assert "feature='exact' is invalid with method='random_big'" in capsys.readouterr().err
 
 
 def test_select_with_pseudo_sources_hides_the_labels_and_names_clusters(tiny_model_dir, capsys):

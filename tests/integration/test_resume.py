@@ -29,7 +29,7 @@ def _config(tmp_path, model_dir, out):
             },
         },
         "train": {"steps": STEPS, "source_batch": 8, "micro_batches": 2, "save_steps": 2},
-        "selector": {"num_directions": 2},
+        "selector": {"method": "colm", "num_directions": 2},
         "eval": {"enabled": False},
     }
     path = tmp_path / f"{out.name}.yaml"

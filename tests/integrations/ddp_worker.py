@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from colm import CoresetSelector, SelectorConfig  # noqa: E402
+from colm.distributed import end_process_group  # noqa: E402
 from tests.conftest import collate_rows, make_batch, make_rows, make_tiny  # noqa: E402
 
 SOURCES = {"big1": 28, "big2": 20, "small1": 10, "small2": 6}
@@ -190,9 +191,7 @@ def main() -> None:
     Path(a.out).mkdir(parents=True, exist_ok=True)
     with open(Path(a.out) / f"rank{rank}.json", "w") as f:
         json.dump(result, f)
-    if a.mode == "loop" and world > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    end_process_group()  # the loop's group, or the one the Trainer started
 
 
 if __name__ == "__main__":

@@ -241,7 +241,7 @@ def _cli(
             },
         },
         "train": {"steps": 3, "source_batch": 8, "micro_batches": 2, "save_steps": 2},
-        "selector": {"num_directions": 2},
+        "selector": {"method": "colm", "num_directions": 2},
         "eval": {"enabled": False},
     }
     path = tmp_path / f"{name}.yaml"

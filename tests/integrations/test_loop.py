@@ -23,7 +23,9 @@ def test_coreset_step_equals_manual_step_on_selection(weights, micro):
     start = copy.deepcopy(model)
     batch = make_batch(n=12, sources=["a"] * 6 + ["b"] * 5 + ["s"], seed=9)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    selector = CoresetSelector(SelectorConfig(method="colm", weights=weights, check_replay=False), COUNTS)
+    selector = CoresetSelector(
+        SelectorConfig(method="colm", weights=weights, check_replay=False), COUNTS
+    )
     out = coreset_step(model, opt, selector, batch, micro_batches=micro)
     idx, w = out.selection.indices, out.selection.weights
     assert len(idx) == 6 and 11 in idx.tolist()  # the small source's example is kept

@@ -96,7 +96,9 @@ def test_checkpointed_coreset_step_equals_plain_step(reentrant):
         )
         before = _lora_params(model)
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-        sel = CoresetSelector(SelectorConfig(method="colm", ratio=0.5, small_sources=[]), {"a": 100, "b": 100})
+        sel = CoresetSelector(
+            SelectorConfig(method="colm", ratio=0.5, small_sources=[]), {"a": 100, "b": 100}
+        )
         out = coreset_step(model, opt, sel, batch, micro_batches=2)
         results.append((out, _lora_params(model), before))
     (plain, w_plain, w0), (ckpt, w_ckpt, _) = results
@@ -227,7 +229,9 @@ def test_smollm2_checkpointed_coreset_step_equals_plain_step(reentrant):
                 model.enable_input_require_grads()
         model.train()
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-        sel = CoresetSelector(SelectorConfig(method="colm", ratio=0.5, small_sources=[]), {"a": 100, "b": 100})
+        sel = CoresetSelector(
+            SelectorConfig(method="colm", ratio=0.5, small_sources=[]), {"a": 100, "b": 100}
+        )
         out = coreset_step(model, opt, sel, batch, micro_batches=2)
         results.append((out.selection.indices.tolist(), out.loss, _lora_params(model)))
     (idx_plain, loss_plain, w_plain), (idx, loss, w) = results
