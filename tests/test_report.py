@@ -309,3 +309,23 @@ def test_heldout_curves_and_before_after_with_intervals(runs, tmp_path):
     assert loss["chain_sum"]["colm"] == f"{ev['loss']['chain_sum']:.4f} ± {1.96 * 0.01:.4f}"
     assert loss["chain_sum"]["random-baseline"] == "1.6000"  # its eval.json has no errors
     assert loss["products (out)"]["untrained"] == f"3.0000 ± {1.96 * 0.1:.4f}"
+
+
+@pytest.mark.parametrize(
+    "selector, label",
+    [
+        ({"method": "random_big"}, "colm (random_big)"),
+        ({"preset": "paper", "ratio": 0.5}, "colm (paper)"),
+        ({"preset": "paper", "method": "match"}, "colm (match)"),
+        ({"ratio": 0.5}, "colm"),  # the selection is not named: the default of its time
+    ],
+)
+def test_colm_runs_name_their_selection(tmp_path, selector, label):
+    run = make_run(tmp_path, "r", name="r", method="colm", steps=4)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "selector": selector}))
+    assert read_run(run).method == label
+    other = make_run(tmp_path, "b", name="b", method="random", steps=4)
+    config = yaml.safe_load((other / "config.yaml").read_text())
+    (other / "config.yaml").write_text(yaml.safe_dump({**config, "selector": selector}))
+    assert read_run(other).method == "random"  # the selector plays no part in a baseline

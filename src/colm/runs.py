@@ -162,7 +162,7 @@ def read_run(run_dir: str | os.PathLike) -> RunData:
     run = RunData(
         path=path,
         name=str(config.get("name") or path.resolve().name),
-        method=str(train_cfg.get("method") or config.get("method") or "-"),
+        method=_method_label(config, train_cfg),
         config=config,
     )
     by_step: dict[int, dict[str, Any]] = {}
@@ -194,6 +194,18 @@ def read_run(run_dir: str | os.PathLike) -> RunData:
     if memory is not None and _is_number(memory.get("peak_mb")):
         run.peak_mb = float(memory["peak_mb"])
     return run
+
+
+def _method_label(config: dict[str, Any], train_cfg: dict[str, Any]) -> str:
+    """``train.method``, with the selection named where the config names it
+    (``colm (random_big)``, ``colm (paper)``): colm runs differ by their selector."""
+    method = str(train_cfg.get("method") or config.get("method") or "-")
+    selector = config.get("selector")
+    if method == "colm" and isinstance(selector, dict):
+        named = selector.get("method") or selector.get("preset")
+        if isinstance(named, str):
+            return f"colm ({named})"
+    return method
 
 
 def _read_heldout(path: Path) -> list[dict[str, Any]]:
