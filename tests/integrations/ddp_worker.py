@@ -65,6 +65,34 @@ def _lora(model) -> dict[str, list]:
     }
 
 
+def _selector_config(a) -> SelectorConfig:
+    if a.selection == "random_big":  # no features: the feature settings stay at defaults
+        return SelectorConfig(
+            method="random_big", ratio=0.5, small_sources=["small1", "small2"], seed=3
+        )
+    return SelectorConfig(
+        method=a.selection,
+        ratio=0.5,
+        feature=a.feature,
+        num_directions=2,
+        small_sources=["small1", "small2"],
+        weights=a.weights,
+        moments=a.moments,
+        seed=3,
+    )
+
+
+def _lora_params(model) -> dict[str, list]:
+    """Like :func:`_lora`, with DeepSpeed ZeRO-3's partitioned parameters gathered whole."""
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    if not any(hasattr(p, "ds_id") for p in params):
+        return _lora(model)
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params):
+        return _lora(model)
+
+
 def run_trainer(a, rank: int, world: int) -> dict:
     from datasets import Dataset
     from transformers import TrainingArguments
@@ -93,16 +121,7 @@ def run_trainer(a, rank: int, world: int) -> dict:
         remove_unused_columns=False,
         dataloader_drop_last=True,
     )
-    cfg = SelectorConfig(
-        method="colm",
-        ratio=0.5,
-        feature=a.feature,
-        num_directions=2,
-        small_sources=["small1", "small2"],
-        weights=a.weights,
-        moments=a.moments,
-        seed=3,
-    )
+    cfg = _selector_config(a)
     trainer = CoLMTrainer(
         model=model,
         args=args,
@@ -116,7 +135,7 @@ def run_trainer(a, rank: int, world: int) -> dict:
         _record(trainer.colm_selector, log)
     trainer.train(resume_from_checkpoint=a.resume or None)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    return {"steps": log, "losses": losses, "lora": _lora(trainer.model)}
+    return {"steps": log, "losses": losses, "lora": _lora_params(trainer.model)}
 
 
 def run_loop(a, rank: int, world: int) -> dict:
@@ -171,7 +190,8 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--micro", type=int, default=8, help="global micro-batch size")
-    p.add_argument("--method", default="colm")
+    p.add_argument("--method", default="colm", help="colm_method (train method)")
+    p.add_argument("--selection", default="colm", help="SelectorConfig.method")
     p.add_argument("--feature", default="zo")
     p.add_argument("--weights", default="uniform")
     p.add_argument("--moments", default="fresh")

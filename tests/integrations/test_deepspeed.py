@@ -99,11 +99,11 @@ else:
 
     pytestmark = pytest.mark.distributed
 
-    def launch(out: Path, processes: int, zero: int) -> list[dict]:
+    def launch(out: Path, processes: int, zero: int, *extra: str, expect_ok: bool = True):
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--standalone",
             f"--nproc_per_node={processes}", str(Path(__file__).resolve()), "--out", str(out),
-            "--mode", "trainer", "--steps", "4", "--micro", "8", "--zero", str(zero),
+            "--mode", "trainer", "--steps", "4", "--micro", "8", "--zero", str(zero), *extra,
         ]  # fmt: skip
         env = {
             **os.environ,
@@ -118,6 +118,8 @@ else:
             )
         except subprocess.TimeoutExpired as e:
             pytest.fail(f"{processes}-process ZeRO-{zero} run hung (> {TIMEOUT} s): {e}")
+        if not expect_ok:
+            return proc
         assert proc.returncode == 0, proc.stderr[-4000:]
         runs = []
         for r in range(processes):
@@ -146,3 +148,33 @@ else:
             assert two[0]["world"] == 2
             assert [s["stats"]["processes"] for s in two[0]["steps"]] == [2, 2, 2, 2]
             assert_same_run(plain, two)
+
+    @pytest.mark.slow
+    def test_zero_3_with_the_default_selection_trains_as_one_plain_process(tmp_path):
+        """ZeRO-3 partitions every parameter; random_big (the default) reads none, so
+        CoLMTrainer runs under it: the same coresets, losses and LoRA weights (gathered
+        whole at the end) as one plain process."""
+        pytest.importorskip("deepspeed", reason="deepspeed is not installed")
+        plain = launch(tmp_path / "plain", 1, 0, "--selection", "random_big")[0]
+        assert plain["engine"]["deepspeed"] is False
+        two = launch(tmp_path / "zero3", 2, 3, "--selection", "random_big")
+        for run in two:
+            assert run["engine"]["deepspeed"] is True
+            assert run["engine"]["zero_stage"] == 3
+        # every step kept the small sources whole and computed no features
+        for step in plain["steps"]:
+            for name in ("small1", "small2"):
+                counts = step["stats"]["sources"].get(name)
+                assert counts is None or counts["selected"] == counts["in_batch"]
+            assert step["stats"]["time_features"] == 0.0
+        assert [s["stats"]["processes"] for s in two[0]["steps"]] == [2, 2, 2, 2]
+        assert_same_run(plain, two)
+
+    @pytest.mark.slow
+    def test_zero_3_with_gradient_features_is_refused_at_start(tmp_path):
+        pytest.importorskip("deepspeed", reason="deepspeed is not installed")
+        proc = launch(tmp_path / "zero3", 2, 3, "--selection", "colm", expect_ok=False)
+        assert proc.returncode != 0
+        assert "ZeRO-3 partitions every parameter" in proc.stderr
+        assert "random_big" in proc.stderr  # what works instead
+        assert not (tmp_path / "zero3" / "rank0.json").exists()  # refused before training

@@ -27,8 +27,9 @@ For ``colm`` and ``random`` the training data loader is not sharded: every
 rank loads the same global micro-batches, computes features for its share,
 and all agree on one coreset (:mod:`colm.distributed`); each rank then trains
 on an equal share of it. The coreset must be a multiple of the number of
-processes. FSDP and ZeRO-3 are refused for ``colm`` in the Trainer (see
-:func:`_refuse_sharded_parameters` for why); FSDP2 works with the plain loop
+processes. FSDP and ZeRO-3 are refused in the Trainer for the selections that compute
+gradient features (see :func:`_refuse_sharded_parameters` for why), not for the default
+``random_big``; FSDP2 works with features in the plain loop
 (:mod:`colm.integrations.loop`, :mod:`colm.sharding`).
 """
 
@@ -158,7 +159,8 @@ class CoLMTrainerMixin:
                     f"processes) cannot be split equally over {world} processes; choose the "
                     f"selector's ratio or size so that the coreset is a multiple of {world}"
                 )
-            if colm_method == "colm":
+            if colm_method == "colm" and cfg.method in ("colm", "match"):
+                # gradient features replay the last block; random_big reads no parameters
                 _refuse_sharded_parameters(self)
             if cfg.chunk_size is None:
                 # replay chunks no larger than a training micro-batch of the coreset, so that
@@ -369,9 +371,10 @@ def load_selector_state(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _refuse_sharded_parameters(trainer) -> None:
-    """Refuse FSDP and ZeRO-3 under ``colm_method="colm"`` in the Trainer, saying why
-    and what works. ZeRO-1/2 shard only optimizer state and gradients, which
-    selection never reads, and pass.
+    """Refuse FSDP and ZeRO-3 under ``colm_method="colm"`` with gradient features
+    (selector method ``colm`` or ``match``) in the Trainer, saying why and what works.
+    ZeRO-1/2 shard only optimizer state and gradients, which selection never reads, and
+    pass; the default selection, ``random_big``, reads no parameters and is not checked.
 
     FSDP: accelerate wraps the model in FSDP1 unless told ``fsdp_version=2``, whose
     flat parameter buffers colm does not gather; and accelerate runs FSDP only on GPUs
@@ -383,8 +386,9 @@ def _refuse_sharded_parameters(trainer) -> None:
         "What works: FSDP2 (torch.distributed.fsdp.fully_shard on each decoder layer and "
         "the model) with the plain loop colm.integrations.loop.coreset_step, which gathers "
         "only the last block, final norm and head for selection (tested on 2 processes, "
-        "tests/integrations/test_fsdp.py); in the Trainer, DDP or DeepSpeed ZeRO-1/2; or "
-        "colm_method='random'"
+        "tests/integrations/test_fsdp.py); in the Trainer, DDP or DeepSpeed ZeRO-1/2; or, "
+        "with any sharding, the default selection SelectorConfig(method='random_big'), "
+        "which computes no features (tested under ZeRO-3, tests/integrations/test_deepspeed.py)"
     )
     if getattr(trainer, "is_fsdp_enabled", False):
         raise ValueError(
