@@ -2,9 +2,11 @@
 gloo): 2 processes select the same coresets and reach the same LoRA weights as the
 plain 1-process run.
 
-Skipped where ``deepspeed`` is not installed. The first DeepSpeed launch on a machine
-JIT-compiles DeepSpeed's shared-memory comm op (needs a C++ compiler; cached in
-~/.cache/torch_extensions), hence the longer timeout.
+Skipped where ``deepspeed`` is not installed. The first DeepSpeed launch of a test session
+JIT-compiles DeepSpeed's shared-memory comm op (needs a C++ compiler), hence the longer
+timeout. It is compiled into a directory of the session's own (TORCH_EXTENSIONS_DIR), not
+~/.cache/torch_extensions: a compile killed there leaves a lock file behind on which every
+later launch waits forever.
 
 Run as a script, this file is the worker: tests/integrations/ddp_worker.py with
 ``--zero N`` adding a DeepSpeed config to its TrainingArguments.
@@ -99,7 +101,14 @@ else:
 
     pytestmark = pytest.mark.distributed
 
-    def launch(out: Path, processes: int, zero: int, *extra: str, expect_ok: bool = True):
+    @pytest.fixture(scope="session")
+    def extensions_dir(tmp_path_factory) -> Path:
+        """Where this session's launches JIT-compile DeepSpeed's ops (once, then cached)."""
+        return tmp_path_factory.mktemp("torch-extensions")
+
+    def launch(
+        out: Path, processes: int, zero: int, *extra: str, ext: Path, expect_ok: bool = True
+    ):
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--standalone",
             f"--nproc_per_node={processes}", str(Path(__file__).resolve()), "--out", str(out),
@@ -111,6 +120,7 @@ else:
             "HF_HUB_OFFLINE": "1",
             "PYTHONPATH": str(ROOT),
             "DS_ACCELERATOR": "cpu",
+            "TORCH_EXTENSIONS_DIR": str(ext),
         }
         try:
             proc = subprocess.run(
@@ -129,15 +139,17 @@ else:
         return runs
 
     @pytest.mark.slow
-    def test_zero_1_and_2_on_two_processes_select_and_train_as_one_plain_process(tmp_path):
+    def test_zero_1_and_2_on_two_processes_select_and_train_as_one_plain_process(
+        tmp_path, extensions_dir
+    ):
         pytest.importorskip("deepspeed", reason="deepspeed is not installed")
-        plain = launch(tmp_path / "plain", 1, 0)[0]
+        plain = launch(tmp_path / "plain", 1, 0, ext=extensions_dir)[0]
         assert plain["engine"]["deepspeed"] is False
         # training moved the adapter (B starts at zero)
         moved = [torch.tensor(v).abs().max() for k, v in plain["lora"].items() if "lora_B" in k]
         assert all(float(m) > 0 for m in moved)
         for stage in (1, 2):
-            two = launch(tmp_path / f"zero{stage}", 2, stage)
+            two = launch(tmp_path / f"zero{stage}", 2, stage, ext=extensions_dir)
             for run in two:
                 assert run["engine"] == {
                     "deepspeed": True,
@@ -150,14 +162,16 @@ else:
             assert_same_run(plain, two)
 
     @pytest.mark.slow
-    def test_zero_3_with_the_default_selection_trains_as_one_plain_process(tmp_path):
+    def test_zero_3_with_the_default_selection_trains_as_one_plain_process(
+        tmp_path, extensions_dir
+    ):
         """ZeRO-3 partitions every parameter; random_big (the default) reads none, so
         CoLMTrainer runs under it: the same coresets, losses and LoRA weights (gathered
         whole at the end) as one plain process."""
         pytest.importorskip("deepspeed", reason="deepspeed is not installed")
-        plain = launch(tmp_path / "plain", 1, 0, "--selection", "random_big")[0]
+        plain = launch(tmp_path / "plain", 1, 0, "--selection", "random_big", ext=extensions_dir)[0]
         assert plain["engine"]["deepspeed"] is False
-        two = launch(tmp_path / "zero3", 2, 3, "--selection", "random_big")
+        two = launch(tmp_path / "zero3", 2, 3, "--selection", "random_big", ext=extensions_dir)
         for run in two:
             assert run["engine"]["deepspeed"] is True
             assert run["engine"]["zero_stage"] == 3
@@ -171,9 +185,11 @@ else:
         assert_same_run(plain, two)
 
     @pytest.mark.slow
-    def test_zero_3_with_gradient_features_is_refused_at_start(tmp_path):
+    def test_zero_3_with_gradient_features_is_refused_at_start(tmp_path, extensions_dir):
         pytest.importorskip("deepspeed", reason="deepspeed is not installed")
-        proc = launch(tmp_path / "zero3", 2, 3, "--selection", "colm", expect_ok=False)
+        proc = launch(
+            tmp_path / "zero3", 2, 3, "--selection", "colm", ext=extensions_dir, expect_ok=False
+        )
         assert proc.returncode != 0
         assert "ZeRO-3 partitions every parameter" in proc.stderr
         assert "random_big" in proc.stderr  # what works instead
