@@ -368,7 +368,7 @@ class CoresetSelector:
             start, end = bounds[info.rank]
             mine = rows[start:end]
         real = len(mine)
-        if info.active and feats.replay.sharded:  # FSDP2: the same trunk passes on every rank
+        if info.active and feats.replay.sharded:  # FSDP2, ZeRO-3: the same trunk passes
             mine = sharding.even_share(mine, rows, info.world, streamed and cfg.feature == "exact")
         idx = torch.tensor(mine, dtype=torch.long)
         ids = batch["input_ids"][idx]

@@ -1,6 +1,7 @@
-"""CoLMTrainer under DeepSpeed ZeRO-1 and ZeRO-2 on CPU (DeepSpeed's CPU accelerator,
-gloo): 2 processes select the same coresets and reach the same LoRA weights as the
-plain 1-process run.
+"""CoLMTrainer under DeepSpeed ZeRO-1, ZeRO-2 and ZeRO-3 on CPU (DeepSpeed's CPU
+accelerator, gloo): 2 processes select the same coresets and reach the same LoRA weights
+as the plain 1-process run, with the default selection and with gradient features (under
+ZeRO-3 gathered for the replay of the last block only).
 
 Skipped where ``deepspeed`` is not installed. The first DeepSpeed launch of a test session
 JIT-compiles DeepSpeed's shared-memory comm op (needs a C++ compiler), hence the longer
@@ -185,12 +186,22 @@ else:
         assert_same_run(plain, two)
 
     @pytest.mark.slow
-    def test_zero_3_with_gradient_features_is_refused_at_start(tmp_path, extensions_dir):
+    @pytest.mark.parametrize("feature", ["zo", "exact"])
+    def test_zero_3_with_gradient_features_selects_and_trains_as_one_plain_process(
+        tmp_path, extensions_dir, feature
+    ):
+        """ZeRO-3 with the paper's selection: the trunk pass runs through DeepSpeed's
+        hooks, the last block, final norm and head are gathered for the replay and
+        partitioned again; 2 processes pick the same coresets and reach the same LoRA
+        weights as one plain process."""
         pytest.importorskip("deepspeed", reason="deepspeed is not installed")
-        proc = launch(
-            tmp_path / "zero3", 2, 3, "--selection", "colm", ext=extensions_dir, expect_ok=False
-        )
-        assert proc.returncode != 0
-        assert "ZeRO-3 partitions every parameter" in proc.stderr
-        assert "random_big" in proc.stderr  # what works instead
-        assert not (tmp_path / "zero3" / "rank0.json").exists()  # refused before training
+        args = ("--selection", "colm", "--feature", feature)
+        plain = launch(tmp_path / "plain", 1, 0, *args, ext=extensions_dir)[0]
+        two = launch(tmp_path / "zero3", 2, 3, *args, ext=extensions_dir)
+        for run in two:
+            assert run["engine"]["zero_stage"] == 3
+            assert run["engine"]["optimizer"] == "DeepSpeedZeroOptimizer_Stage3"
+        for step in two[0]["steps"]:
+            assert step["stats"]["processes"] == 2
+            assert step["stats"]["time_features"] > 0  # features were computed
+        assert_same_run(plain, two)

@@ -1,8 +1,8 @@
 """Sharded models: FSDP2 (``fully_shard``) with the plain loop on 2 and 3 processes
 (gloo, CPU) behaves as 1 unsharded process, gathers only the last block, final norm
-and head for selection, and resumes from a sharded checkpoint identically; FSDP1,
-ZeRO-3 and the Trainer under FSDP are refused with messages that say why and what
-works.
+and head for selection, and resumes from a sharded checkpoint identically; FSDP1 and
+the Trainer under FSDP are refused with messages that say why and what works (ZeRO-3
+with features: tests/integrations/test_deepspeed.py).
 
 Each run is a real ``torch.distributed.run`` launch of tests/integrations/fsdp_worker.py
 with a timeout, so a hang (ranks out of step in a collective) fails the test.
@@ -163,31 +163,71 @@ def test_accelerate_ignores_fsdp_on_a_cpu(tmp_path):
         assert run["sharded_parameters"] == 0
 
 
-def test_zero3_parameters_are_refused_with_what_works():
+def test_fsdp1_parameters_are_refused_with_what_works():
     model = make_tiny("llama", lora=True)
     block = find_value_block(model)
-    block.parameter.ds_numel = block.parameter.numel()  # what ZeRO-3 attaches
-    with pytest.raises(BlockNotFoundError, match="DeepSpeed ZeRO-3") as err:
+    block.parameter._is_flat_param = True  # what FSDP1 marks its flat parameters with
+    with pytest.raises(BlockNotFoundError, match="FSDP1") as err:
         find_value_block(model)
     assert "work with FSDP2" in str(err.value)
-    assert "DDP and DeepSpeed ZeRO-1/2" in str(err.value)
+    assert "DDP and DeepSpeed ZeRO-1/2/3" in str(err.value)
 
 
-def test_trainer_under_fsdp_or_zero3_is_refused_saying_why():
+def test_a_zero3_value_block_is_located_by_its_whole_shape():
+    """Between DeepSpeed's gathers a ZeRO-3 parameter's own data is empty; the locator
+    reads the whole shape DeepSpeed keeps (ds_shape) and does not refuse it."""
+    model = make_tiny("llama", lora=True)
+    whole = find_value_block(model)
+    name, shape, numel = whole.module_name, whole.shape, whole.numel
+    param_shape = whole.parameter.shape
+    for p in model.parameters():
+        p.ds_shape, p.ds_id = p.shape, 0  # what ZeRO-3 attaches
+        p.data = torch.empty(0, dtype=p.dtype)  # and what it leaves between gathers
+    block = find_value_block(model)
+    assert block.parameter.shape == (0,)
+    assert (block.module_name, block.shape, block.numel) == (name, shape, numel)
+    assert sharding.logical_shape(block.parameter) == param_shape
+
+
+def test_deepspeed_hooks_are_suspended_for_the_replay_others_run():
+    """call_unhooked takes out the hooks DeepSpeed registered on the replayed module
+    and the modules inside it (they would gather the partitions again), keeps every
+    other hook, and puts DeepSpeed's back after."""
+    model = make_tiny("llama", lora=True)
+    layer = find_value_block(model).layer
+    calls = []
+
+    def ours(module, args):
+        calls.append("ours")
+
+    def theirs(module, args):
+        calls.append("deepspeed")
+
+    theirs.__module__ = "deepspeed.runtime.zero.parameter_offload"
+    inner = next(m for m in layer.modules() if isinstance(m, torch.nn.Linear))
+    handles = [inner.register_forward_pre_hook(theirs), inner.register_forward_pre_hook(ours)]
+    handles.append(layer.register_forward_pre_hook(theirs))
+    weights = sharding.full_tensors(layer)
+    hidden = torch.randn(1, 3, model.config.hidden_size)
+    position = torch.arange(3)[None]
+    rotary = model.base_model.model.model.rotary_emb(hidden, position)
+    sharding.call_unhooked(layer, weights, (hidden,), {"position_embeddings": rotary})
+    assert calls == ["ours"]
+    calls.clear()
+    layer(hidden, position_embeddings=rotary)  # restored, in their order
+    assert calls == ["deepspeed", "deepspeed", "ours"]
+    for h in handles:
+        h.remove()
+
+
+def test_trainer_under_fsdp_is_refused_saying_why():
     fsdp = SimpleNamespace(is_fsdp_enabled=True, is_deepspeed_enabled=False)
     with pytest.raises(ValueError, match="does not support FSDP in CoLMTrainer") as err:
         _refuse_sharded_parameters(fsdp)
     text = str(err.value)
     assert "accelerate runs FSDP only on GPUs" in text
     assert "coreset_step" in text and "tests/integrations/test_fsdp.py" in text
-
-    state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3))
-    zero3 = SimpleNamespace(
-        is_fsdp_enabled=False, is_deepspeed_enabled=True, accelerator=SimpleNamespace(state=state)
-    )
-    with pytest.raises(ValueError, match="ZeRO-3 partitions every parameter") as err:
-        _refuse_sharded_parameters(zero3)
-    assert "FSDP2" in str(err.value)
+    assert "DeepSpeed ZeRO-3" in text  # what works in the Trainer
 
 
 def test_model_sharding_is_detected_from_parameters():

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..sharding import full, model_sharding, refuse_unsupported, tensor_sharding
+from ..sharding import full, logical_shape, model_sharding, refuse_unsupported, tensor_sharding
 
 # Attribute names of a separate value projection inside an attention module.
 _SEPARATE_V = ("v_proj", "value", "v", "W_v", "wv", "v_linear")
@@ -78,7 +78,7 @@ class ValueBlock:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        s = list(self.parameter.shape)
+        s = list(logical_shape(self.parameter))
         s[self.dim] = int(self.index.numel())
         return tuple(s)
 
@@ -91,8 +91,8 @@ class ValueBlock:
 
     def view(self, tensor: torch.Tensor) -> torch.Tensor:
         """The block's part of ``tensor`` (the parameter, a gradient or an optimizer
-        moment of it), whole: under FSDP2 a sharded ``tensor`` is all-gathered first
-        (a collective)."""
+        moment of it), whole: under FSDP2 or ZeRO-3 a sharded ``tensor`` is gathered
+        first (a collective)."""
         tensor = full(tensor)
         return tensor.index_select(self.dim, self.index.to(tensor.device))
 
@@ -143,7 +143,7 @@ class ValueBlock:
     def describe(self) -> str:
         return (
             f"{self.kind} of {self.module_name} "
-            f"(parameter {self.param_name!r} {tuple(self.parameter.shape)}, "
+            f"(parameter {self.param_name!r} {tuple(logical_shape(self.parameter))}, "
             f"block {self.shape} = {self.numel} numbers)"
         )
 
@@ -167,7 +167,7 @@ def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         types = {type(m) for m in mod}
         if len(types) != 1:
             continue
-        size = sum(p.numel() for p in mod.parameters())
+        size = sum(logical_shape(p).numel() for p in mod.parameters())
         if size == 0:
             continue
         if best is None or size > best[0]:
@@ -333,7 +333,7 @@ def find_value_block(model: nn.Module) -> ValueBlock:
         param_name = f"{proj_name}.lora_B.{adapter}.weight"
         parameter = module.weight
         kind, dim = "lora_B", 0  # lora_B is nn.Linear(r, out): rows are output features
-        out_features = parameter.shape[0]
+        out_features = logical_shape(parameter)[0]
     else:
         lora_layer, adapter = None, None
         if _model_has_adapters(model):
@@ -352,9 +352,9 @@ def find_value_block(model: nn.Module) -> ValueBlock:
         kind = "weight"
         # transformers' Conv1D (GPT-2) stores the weight as [in, out]
         dim = 1 if type(base).__name__ == "Conv1D" else 0
-        out_features = parameter.shape[dim]
+        out_features = logical_shape(parameter)[dim]
 
-    # FSDP2 (DTensor parameters) is gathered for the replay; FSDP1 and ZeRO-3 are refused
+    # FSDP2 and ZeRO-3 parameters are gathered for the replay; FSDP1 is refused
     refuse_unsupported(tensor_sharding(parameter) or model_sharding(model), module_name)
     if layout is None:
         index = torch.arange(out_features)

@@ -194,9 +194,14 @@ class LastBlockReplay:
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
         self.logit_scale = getattr(cfg, "logit_scale", None)  # Cohere multiplies
         self.logits_scaling = getattr(cfg, "logits_scaling", None)  # Granite divides
-        # FSDP2: the replayed modules' parameters are DTensor shards; the replay gathers
-        # them whole (see colm.sharding) and never runs FSDP's hooks
-        self.sharded = sharding.model_sharding(model) == sharding.FSDP2
+        # FSDP2 / ZeRO-3: the replayed modules' parameters are shards; the replay gathers
+        # them whole (see colm.sharding) and never runs FSDP's or DeepSpeed's hooks
+        kind = sharding.model_sharding(model)
+        self.sharded = kind in (sharding.FSDP2, sharding.ZERO3)
+        self.zero3 = kind == sharding.ZERO3
+        # the trunk pass under ZeRO-3 runs to the end: ask for one position's logits
+        params = _forward_parameters(inner)
+        self._trunk_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         if self.sharded:
             sharding.check_replayable(
                 [block.layer, self.norm, self.head], dora=block._dora_layer() is not None
@@ -341,13 +346,21 @@ class LastBlockReplay:
                 store["autocast"] = (device, torch.get_autocast_dtype(device))
             raise _StopForward
 
-        # on a sharded model, stop before FSDP's own pre-hook gathers the last block
+        def record(_module, args, kwargs):
+            with contextlib.suppress(_StopForward):
+                hook(_module, args, kwargs)
+
+        # on a sharded model, stop before FSDP's own pre-hook gathers the last block;
+        # under ZeRO-3 run to the end (see colm.sharding), recording the inputs only
         handle = self.block.layer.register_forward_pre_hook(
-            hook, with_kwargs=True, prepend=self.sharded
+            record if self.zero3 else hook, with_kwargs=True, prepend=self.sharded
         )
+        extra = self._trunk_kwargs if self.zero3 else {}
         try:
             with _no_checkpointing(self.block.layer):  # stop before any checkpoint is set up
-                self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                self.model(
+                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra
+                )
         except _StopForward:
             if self.sharded:
                 sharding.end_interrupted_forward(self.model)
@@ -476,6 +489,18 @@ def per_example_loss_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> 
     )
     count = (target != IGNORE_INDEX).sum(1).clamp(min=1)
     return ce.sum(1) / count
+
+
+def _forward_parameters(model: nn.Module) -> set[str]:
+    """The names ``model``'s forward (the innermost, under PEFT wrappers) accepts."""
+    import inspect
+
+    get_base = getattr(model, "get_base_model", None)  # PEFT passes the rest through
+    inner = get_base() if callable(get_base) else model
+    try:
+        return set(inspect.signature(inner.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
 
 
 @torch.no_grad()

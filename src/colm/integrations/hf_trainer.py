@@ -21,16 +21,17 @@ gradient_accumulation_steps``) is the source batch; the coreset is
   coreset's micro-batch size (memory-equal baseline).
 
 Data parallelism (``torchrun`` / ``accelerate launch``, DDP and DeepSpeed
-ZeRO-1/2): the source batch is global, ``per_device_train_batch_size x
+ZeRO-1/2/3): the source batch is global, ``per_device_train_batch_size x
 gradient_accumulation_steps x processes`` examples, as in plain HF training.
 For ``colm`` and ``random`` the training data loader is not sharded: every
 rank loads the same global micro-batches, computes features for its share,
 and all agree on one coreset (:mod:`colm.distributed`); each rank then trains
 on an equal share of it. The coreset must be a multiple of the number of
-processes. FSDP and ZeRO-3 are refused in the Trainer for the selections that compute
-gradient features (see :func:`_refuse_sharded_parameters` for why), not for the default
-``random_big``; FSDP2 works with features in the plain loop
-(:mod:`colm.integrations.loop`, :mod:`colm.sharding`).
+processes. Under ZeRO-3 the selections that compute gradient features gather only
+the last block, final norm and head for their replay (:mod:`colm.sharding`). FSDP is
+refused in the Trainer for those selections (see :func:`_refuse_sharded_parameters`
+for why), not for the default ``random_big``; FSDP2 works with features in the plain
+loop (:mod:`colm.integrations.loop`).
 """
 
 from __future__ import annotations
@@ -371,24 +372,25 @@ def load_selector_state(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _refuse_sharded_parameters(trainer) -> None:
-    """Refuse FSDP and ZeRO-3 under ``colm_method="colm"`` with gradient features
-    (selector method ``colm`` or ``match``) in the Trainer, saying why and what works.
+    """Refuse FSDP under ``colm_method="colm"`` with gradient features (selector method
+    ``colm`` or ``match``) in the Trainer, saying why and what works. DeepSpeed passes:
     ZeRO-1/2 shard only optimizer state and gradients, which selection never reads, and
-    pass; the default selection, ``random_big``, reads no parameters and is not checked.
+    under ZeRO-3 the selection gathers the last block, final norm and head for its
+    replay (:mod:`colm.sharding`). The default selection, ``random_big``, reads no
+    parameters and is not checked.
 
     FSDP: accelerate wraps the model in FSDP1 unless told ``fsdp_version=2``, whose
     flat parameter buffers colm does not gather; and accelerate runs FSDP only on GPUs
     and other accelerators (on a CPU it ignores the FSDP plugin and trains with DDP),
-    so the Trainer under FSDP2 cannot be tested here and is refused too. ZeRO-3:
-    DeepSpeed gathers each module's parameters in its own hooks, around every
-    forward, which colm's replay of the last block does not go through."""
+    so the Trainer under FSDP2 cannot be tested here and is refused too."""
     works = (
-        "What works: FSDP2 (torch.distributed.fsdp.fully_shard on each decoder layer and "
-        "the model) with the plain loop colm.integrations.loop.coreset_step, which gathers "
-        "only the last block, final norm and head for selection (tested on 2 processes, "
-        "tests/integrations/test_fsdp.py); in the Trainer, DDP or DeepSpeed ZeRO-1/2; or, "
+        "What works: DeepSpeed ZeRO-3 (or ZeRO-1/2) in the Trainer, which shards the model "
+        "as FSDP does and under which colm gathers only the last block, final norm and head "
+        "for selection (tested on 2 processes, tests/integrations/test_deepspeed.py); FSDP2 "
+        "(torch.distributed.fsdp.fully_shard on each decoder layer and the model) with the "
+        "plain loop colm.integrations.loop.coreset_step (tests/integrations/test_fsdp.py); or, "
         "with any sharding, the default selection SelectorConfig(method='random_big'), "
-        "which computes no features (tested under ZeRO-3, tests/integrations/test_deepspeed.py)"
+        "which computes no features"
     )
     if getattr(trainer, "is_fsdp_enabled", False):
         raise ValueError(
@@ -397,16 +399,6 @@ def _refuse_sharded_parameters(trainer) -> None:
             "replay of the last block, and the Trainer under FSDP2 is untested because "
             "accelerate runs FSDP only on GPUs (on a CPU it ignores the FSDP plugin). " + works
         )
-    if getattr(trainer, "is_deepspeed_enabled", False):
-        plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
-        stage = getattr(plugin, "zero_stage", None)
-        if stage == 3:
-            raise ValueError(
-                "colm feature selection does not support DeepSpeed ZeRO-3: ZeRO-3 partitions "
-                "every parameter and gathers a module's only inside DeepSpeed's hooks around "
-                "its forward, and colm's replay of the last block runs outside them (ZeRO "
-                "stages 1 and 2 shard only optimizer state and gradients, and work). " + works
-            )
 
 
 def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
