@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -193,9 +194,11 @@ else:
         """ZeRO-3 with the paper's selection: the trunk pass runs through DeepSpeed's
         hooks, the last block, final norm and head are gathered for the replay and
         partitioned again; 2 processes pick the same coresets and reach the same LoRA
-        weights as one plain process."""
+        weights as one plain process. With zo, resuming the ZeRO-3 run from its step-2
+        checkpoint (DeepSpeed's sharded checkpoint + the selector state) continues it
+        identically."""
         pytest.importorskip("deepspeed", reason="deepspeed is not installed")
-        args = ("--selection", "colm", "--feature", feature)
+        args = ("--selection", "colm", "--feature", feature, "--save-steps", "2")
         plain = launch(tmp_path / "plain", 1, 0, *args, ext=extensions_dir)[0]
         two = launch(tmp_path / "zero3", 2, 3, *args, ext=extensions_dir)
         for run in two:
@@ -205,3 +208,19 @@ else:
             assert step["stats"]["processes"] == 2
             assert step["stats"]["time_features"] > 0  # features were computed
         assert_same_run(plain, two)
+        if feature != "zo":
+            return
+        ckpt = tmp_path / "zero3" / "trainer" / "checkpoint-2"
+        assert (ckpt / "colm_selector.pt").exists() and (ckpt / "colm_complete").exists()
+        assert any(p.name.startswith("global_step") for p in ckpt.iterdir())  # DeepSpeed's
+        again = tmp_path / "resumed" / "trainer" / "checkpoint-2"
+        shutil.copytree(ckpt, again)
+        resumed = launch(
+            tmp_path / "resumed", 2, 3, *args, "--resume", str(again), ext=extensions_dir
+        )
+        picked = [s["picked"] for s in resumed[0]["steps"]]
+        assert picked == [s["picked"] for s in two[0]["steps"][2:]]
+        assert resumed[0]["losses"] == pytest.approx(two[0]["losses"], abs=1e-5)
+        for name, values in two[0]["lora"].items():
+            diff = (torch.tensor(values) - torch.tensor(resumed[0]["lora"][name])).abs().max()
+            assert float(diff) < 1e-5, name

@@ -341,9 +341,13 @@ class CoLMTrainerMixin:
                 f.flush()
                 os.fsync(f.fileno())
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, SELECTOR_FILE)
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # the Trainer calls this on every resume, with or without DeepSpeed / FSDP
+        # (_load_from_checkpoint is skipped under DeepSpeed, and also loads best models)
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, SELECTOR_FILE)
         if self.colm_selector is not None and os.path.exists(path):
             self.colm_selector.load_state_dict(load_selector_state(path))
 
