@@ -51,7 +51,12 @@ def _record(selector: CoresetSelector, log: list) -> None:
         sel = inner(model, batch, **kw)
         ids, am = batch["input_ids"], batch["attention_mask"]
         picked = [ids[i][am[i].bool()].tolist() for i in sel.indices.tolist()]
-        log.append({"picked": picked, "weights": sel.weights.tolist(), "stats": sel.stats})
+        replay = getattr(selector._features, "replay", None)
+        gathered = replay.gathered_bytes if replay is not None else 0  # sharded: ZeRO-3
+        log.append(
+            {"picked": picked, "weights": sel.weights.tolist(), "stats": sel.stats,
+             "gathered_bytes": gathered}
+        )  # fmt: skip
         return sel
 
     selector.select = select

@@ -208,6 +208,12 @@ else:
             assert step["stats"]["processes"] == 2
             assert step["stats"]["time_features"] > 0  # features were computed
         assert_same_run(plain, two)
+        # each selection step gathered exactly the last block, final norm and head
+        from tests.integrations.test_fsdp import replayed_bytes
+
+        for run in two:
+            assert [s["gathered_bytes"] for s in run["steps"]] == [replayed_bytes()] * 4
+        assert [s["gathered_bytes"] for s in plain["steps"]] == [0] * 4
         if feature != "zo":
             return
         ckpt = tmp_path / "zero3" / "trainer" / "checkpoint-2"
