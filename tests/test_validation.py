@@ -207,6 +207,18 @@ def test_lr_not_positive(tmp_path, data_file, model_loads, value, shown):
     assert f"train.lr={shown} is invalid" in msg and "a number > 0" in msg
 
 
+def test_deepspeed_config_missing_or_unreadable(tmp_path, data_file, model_loads):
+    msg = _error(tmp_path, data_file, model_loads, f"train.deepspeed={tmp_path / 'nope.json'}")
+    assert "train.deepspeed=" in msg and "the path of a DeepSpeed JSON config file" in msg
+    broken = tmp_path / "ds.json"
+    broken.write_text("{stage: 3")
+    msg = _error(tmp_path, data_file, model_loads, f"train.deepspeed={broken}")
+    assert "a readable JSON file" in msg
+    broken.write_text(json.dumps({"zero_optimization": {"stage": 4}}))
+    msg = _error(tmp_path, data_file, model_loads, f"train.deepspeed={broken}")
+    assert "zero_optimization.stage is 0-3" in msg
+
+
 def test_checks_also_run_for_a_config_built_in_code(tmp_path, data_file, model_loads):
     cfg = load_config(_config(tmp_path, data_file))
     cfg.train.lr = -1.0  # never went through load_config's validation

@@ -105,6 +105,9 @@ class TrainSettings:
     logging_steps: int = 1
     save_steps: int = 10
     report_to: list[str] = field(default_factory=list)  # e.g. ["tensorboard"], ["wandb"]
+    # a DeepSpeed JSON config (e.g. configs/deepspeed_zero3.json) for the Trainer: ZeRO-1/2
+    # shard optimizer state and gradients, ZeRO-3 the parameters too (None: no DeepSpeed)
+    deepspeed: str | None = None
 
 
 @dataclass
@@ -117,6 +120,31 @@ class EvalSettings:
     generate: bool = True  # generation accuracy at the end (built-in mixture only)
     every: int = 0  # held-out loss every N steps during training (0: only at the end)
     at_start: bool = False  # held-out loss of the untrained model, before step 1
+
+
+def deepspeed_stage(path: object) -> int:
+    """The ZeRO stage of the DeepSpeed config file ``path`` (0 when it sets none);
+    a missing or unreadable file, or DeepSpeed not installed, is a ConfigError."""
+    import importlib.util
+    import json
+
+    if not isinstance(path, str) or not Path(path).is_file():
+        _bad("train.deepspeed", path, "the path of a DeepSpeed JSON config file, or null")
+    try:
+        ds = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        _bad("train.deepspeed", path, f"a readable JSON file ({e})")
+    stage = (ds.get("zero_optimization") or {}).get("stage", 0) if isinstance(ds, dict) else None
+    if stage not in (0, 1, 2, 3):
+        _bad("train.deepspeed", path, "a DeepSpeed config whose zero_optimization.stage is 0-3")
+    if importlib.util.find_spec("deepspeed") is None:
+        _bad(
+            "train.deepspeed",
+            path,
+            "set only where DeepSpeed is installed (pip install deepspeed); leave it null "
+            "to train without it",
+        )
+    return stage
 
 
 def eval_max_length(cfg: RunConfig) -> int:
@@ -190,6 +218,8 @@ class RunConfig:
         if not (_is_number(t.adam_beta2) and 0 < t.adam_beta2 < 1):
             bad("train.adam_beta2", t.adam_beta2, "a number in (0, 1), e.g. 0.999")
         e = self.eval
+        if t.deepspeed is not None:
+            deepspeed_stage(t.deepspeed)  # the file is there, readable, with a stage
         if not _is_int(e.every) or e.every < 0:
             bad("eval.every", e.every, "an integer >= 0 (steps between held-out evaluations)")
         if e.max_length is not None and (not _is_int(e.max_length) or e.max_length < 8):

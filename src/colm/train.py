@@ -8,6 +8,7 @@ selector state), ``adapter/`` (the final adapter), ``selector.pt``,
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -26,7 +27,14 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from .config import LR_SCHEDULERS, ConfigError, RunConfig, eval_max_length, save_config
+from .config import (
+    LR_SCHEDULERS,
+    ConfigError,
+    RunConfig,
+    deepspeed_stage,
+    eval_max_length,
+    save_config,
+)
 from .console import install as install_console
 from .console import summary_table
 
@@ -199,17 +207,30 @@ class _HeldoutCurve(TrainerCallback):
     ``at_start``, once before step 1), one line in ``heldout.jsonl`` with the step, the
     training wall time reached (evaluations excluded) and the loss per source. The
     last step's point is written by :func:`run_training` from the final evaluation,
-    so it is not computed twice. Main process only; the time it takes is not counted
-    as training time."""
+    so it is not computed twice. Computed on the main process only, except under
+    DeepSpeed ZeRO-3 (``every_process``), where each forward gathers the layers from all
+    processes: there every process computes it, in step, and the main one writes it. The
+    time it takes is not counted as training time."""
 
-    def __init__(self, path, clock, tokenizer, test_in, test_out, cfg: RunConfig, final_eval: bool):
+    def __init__(
+        self,
+        path,
+        clock,
+        tokenizer,
+        test_in,
+        test_out,
+        cfg: RunConfig,
+        final_eval: bool,
+        every_process: bool = False,
+    ):
         self.path, self.clock, self.tokenizer = path, clock, tokenizer
         self.test_in, self.test_out = test_in, test_out
         self.every, self.at_start = cfg.eval.every, cfg.eval.at_start
         self.max_length, self.batch_size = eval_max_length(cfg), cfg.eval.batch_size
         self.final_eval = final_eval
+        self.every_process = every_process
 
-    def measure(self, model, step: int) -> None:
+    def measure(self, model, step: int, write: bool = True) -> None:
         from .evaluate import heldout_losses
 
         t0 = time.perf_counter()
@@ -224,19 +245,24 @@ class _HeldoutCurve(TrainerCallback):
                 se.update({s: v.se for s, v in per.items()})
         seconds = time.perf_counter() - t0
         self.clock.paused += seconds
-        _append_line(self.path, heldout_record(step, self.clock.elapsed(), loss, seconds, se))
+        if write:
+            record = heldout_record(step, self.clock.elapsed(), loss, seconds, se)
+            _append_line(self.path, record)
+
+    def _here(self, state) -> bool:
+        return state.is_world_process_zero or self.every_process
 
     def on_train_begin(self, args, state, control, model=None, **kw):
-        if self.at_start and state.global_step == 0 and state.is_world_process_zero:
-            self.measure(model, 0)
+        if self.at_start and state.global_step == 0 and self._here(state):
+            self.measure(model, 0, write=state.is_world_process_zero)
 
     def on_step_end(self, args, state, control, model=None, **kw):
         step = state.global_step
-        if not self.every or step % self.every or not state.is_world_process_zero:
+        if not self.every or step % self.every or not self._here(state):
             return
         if step == state.max_steps and self.final_eval:
             return  # the final evaluation gives this point
-        self.measure(model, step)
+        self.measure(model, step, write=state.is_world_process_zero)
 
 
 def heldout_record(
@@ -571,14 +597,17 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
         # Trainer's loss scaling (colm's selection replays in fp32 either way)
         bf16=cfg.model.dtype == "bf16",
         fp16=cfg.model.dtype == "fp16",
+        deepspeed=t.deepspeed,
     )
+    # under ZeRO-3 every forward gathers the layers from all processes
+    zero3 = t.deepspeed is not None and deepspeed_stage(t.deepspeed) == 3
     guard = _StopOnNonFinite(run, t.lr)
     clock = _Clock(time_offset)
     callbacks = [_MetricsWriter(metrics, clock), _StopOnSignal(), guard]
     if cfg.eval.every or cfg.eval.at_start:
         test_in, test_out = _limited(cfg, test_in, test_out)
         callbacks.append(
-            _HeldoutCurve(curve, clock, tokenizer, test_in, test_out, cfg, cfg.eval.enabled)
+            _HeldoutCurve(curve, clock, tokenizer, test_in, test_out, cfg, cfg.eval.enabled, zero3)
         )
     trainer = CoLMTrainer(
         model=model,
@@ -604,9 +633,11 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
             f"stopped at step {trainer.state.global_step}; continue with: colm train --resume {run}"
         )
         return run
+    with _gathered_for_saving(model, cfg):  # every process: a collective under ZeRO-3
+        if trainer.is_world_process_zero():
+            model.save_pretrained(run / "adapter")
     if not trainer.is_world_process_zero():
         return run
-    model.save_pretrained(run / "adapter")
     tokenizer.save_pretrained(run / "adapter")
     if trainer.colm_selector is not None:
         torch.save(trainer.colm_selector.state_dict(), run / "selector.pt")
@@ -614,7 +645,10 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
     wall = clock.elapsed()
     result = None
     if cfg.eval.enabled:
-        result = run_eval(run, model=model, tokenizer=tokenizer, cfg=cfg, show=False)
+        # under ZeRO-3 the trained model is in partitions: the saved result is evaluated
+        # on a whole model loaded on this (the main) process
+        loaded = _saved_model(run, cfg) if zero3 else model
+        result = run_eval(run, model=loaded, tokenizer=tokenizer, cfg=cfg, show=False)
         if cfg.eval.every or cfg.eval.at_start:  # the curve's last point
             split = {"in": {}, "out": {}}
             ood = {r["source"] for r in test_out}
@@ -626,6 +660,40 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
             )
     _print_summary(cfg, run, examples if auto else train_records, test_out, result, wall)
     return run
+
+
+def _saved_model(run: Path, cfg: RunConfig):
+    """The trained model as saved in RUN/adapter, loaded whole: the base model with the
+    adapter (LoRA), or the saved model itself (full fine-tuning). Called on the main
+    process alone after a ZeRO-3 run: transformers' ZeRO-3 loading (each parameter
+    partitioned as it is made, a collective) is switched off first, as training is over."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from .models import TORCH_DTYPES, load_model
+
+    unset_hf_deepspeed_config()
+
+    dtype = TORCH_DTYPES[cfg.model.dtype]
+    if cfg.model.lora is None:
+        return load_model(str(run / "adapter"), dtype=dtype)[0]
+    from peft import PeftModel
+
+    base, _ = load_model(cfg.model.name, dtype=dtype)
+    return PeftModel.from_pretrained(base, str(run / "adapter"))
+
+
+def _gathered_for_saving(model, cfg: RunConfig):
+    """Under DeepSpeed ZeRO-3, the parameters ``save_pretrained`` writes, gathered whole
+    for the context (the adapter's, with LoRA; every parameter without): a collective
+    that every process enters. Nothing to do otherwise."""
+    from .sharding import is_zero3
+
+    params = [p for p in model.parameters() if p.requires_grad or cfg.model.lora is None]
+    if not any(is_zero3(p) for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 PSEUDO_SOURCES_FILE = "pseudo_sources.json"

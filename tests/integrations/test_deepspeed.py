@@ -230,3 +230,53 @@ else:
         for name, values in two[0]["lora"].items():
             diff = (torch.tensor(values) - torch.tensor(resumed[0]["lora"][name])).abs().max()
             assert float(diff) < 1e-5, name
+
+    @pytest.mark.slow
+    def test_colm_train_under_torchrun_with_zero3_matches_one_process(
+        tmp_path, tiny_model_dir, extensions_dir
+    ):
+        """`torchrun --nproc_per_node 2 -m colm.cli train CONFIG` with
+        train.deepspeed: configs/deepspeed_zero3.json and the paper's selection (zo
+        features): the same per-step losses and selections as 1 plain process, and the
+        adapter, gathered from its partitions to be saved, equals the plain one. The
+        held-out curve (before training, every 2 steps: every process computes it in
+        step) and the final evaluation (of the saved adapter, loaded whole) are the
+        plain run's."""
+        pytest.importorskip("deepspeed", reason="deepspeed is not installed")
+        from safetensors.torch import load_file
+
+        from tests.integrations.test_distributed import _cli
+
+        env = {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(extensions_dir)}
+        heldout = {"enabled": True, "generate": False, "at_start": True, "every": 2}
+        one = _cli(tmp_path, tiny_model_dir, "one", 1, eval_cfg=heldout)
+        zero3 = ROOT / "configs" / "deepspeed_zero3.json"
+        two = _cli(
+            tmp_path, tiny_model_dir, "two", 2, deepspeed=zero3, env_extra=env, eval_cfg=heldout
+        )
+        lines = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+        ref = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
+        assert [x["colm/processes"] for x in lines if "loss" in x] == [2, 2, 2]
+        assert all(x["colm/time_features"] > 0 for x in lines if "loss" in x)
+        for key in ("loss", "colm/basic_arithmetic/selected", "colm/gcd/kept"):
+            assert [x.get(key, 0) for x in lines if "loss" in x] == pytest.approx(
+                [x.get(key, 0) for x in ref if "loss" in x], abs=1e-5
+            )
+        a = load_file(one / "adapter" / "adapter_model.safetensors")
+        b = load_file(two / "adapter" / "adapter_model.safetensors")
+        assert sorted(a) == sorted(b)
+        for name in a:
+            assert a[name].shape == b[name].shape and a[name].numel() > 0, name
+            assert float((a[name] - b[name]).abs().max()) < 1e-5, name
+        assert (two / "checkpoints" / "checkpoint-2" / "colm_complete").exists()
+        curves = [
+            [json.loads(x) for x in (run / "heldout.jsonl").read_text().splitlines()]
+            for run in (one, two)
+        ]
+        assert [p["step"] for p in curves[1]] == [p["step"] for p in curves[0]] == [0, 2, 3]
+        for a_point, b_point in zip(*curves):
+            assert sorted(a_point["loss"]) == sorted(b_point["loss"])
+            for src, value in a_point["loss"].items():
+                assert b_point["loss"][src] == pytest.approx(value, abs=1e-5), src
+        final = [json.loads((run / "eval.json").read_text())["loss"] for run in (one, two)]
+        assert final[1] == pytest.approx(final[0], abs=1e-5)

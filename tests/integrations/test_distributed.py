@@ -221,7 +221,14 @@ def _free_port() -> int:
 
 
 def _cli(
-    tmp_path: Path, model_dir: Path, name: str, processes: int, launcher: str = "torchrun"
+    tmp_path: Path,
+    model_dir: Path,
+    name: str,
+    processes: int,
+    launcher: str = "torchrun",
+    deepspeed: Path | None = None,
+    env_extra: dict | None = None,
+    eval_cfg: dict | None = None,
 ) -> Path:
     import yaml
 
@@ -238,9 +245,15 @@ def _cli(
                 "ood": {"products": 2},
             },
         },
-        "train": {"steps": 3, "source_batch": 8, "micro_batches": 2, "save_steps": 2},
+        "train": {
+            "steps": 3,
+            "source_batch": 8,
+            "micro_batches": 2,
+            "save_steps": 2,
+            "deepspeed": str(deepspeed) if deepspeed else None,
+        },  # fmt: skip
         "selector": {"method": "colm", "num_directions": 2},
-        "eval": {"enabled": False},
+        "eval": eval_cfg or {"enabled": False},
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -257,6 +270,7 @@ def _cli(
             "--main_process_port", str(_free_port()), "-m", "colm.cli", "train", str(path),
         ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env.update(env_extra or {})
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     except subprocess.TimeoutExpired as e:
