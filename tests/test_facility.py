@@ -15,6 +15,7 @@ from colm.facility import (
     FacilityLocationResult,
     _greedy_device,
     _greedy_lazy,
+    _greedy_small,
     facility_location,
     pairwise_distances,
 )
@@ -151,8 +152,9 @@ def test_sync_free_device_loop_matches_cpu_loop(rows, k) -> None:
     cand = sim.T.contiguous()
     cpu = _greedy_lazy(cand, k)
     dev = _greedy_device(cand, k)
-    for a, b in zip(cpu, dev):
-        assert torch.equal(a, b)
+    small = _greedy_small(cand, k)  # the CPU path for a few points
+    for a, b, c in zip(cpu, dev, small):
+        assert torch.equal(a, b) and torch.equal(a, c)
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -466,16 +468,18 @@ def test_errors(kwargs, error, match) -> None:
         facility_location(**kwargs)
 
 
-@pytest.mark.parametrize("n, metric", [(64, "l1"), (300, "l1"), (200, "cosine")])
+@pytest.mark.parametrize(
+    "n, metric", [(16, "l1"), (48, "cosine"), (64, "l1"), (300, "l1"), (200, "cosine")]
+)
 def test_lazy_greedy_equals_plain_greedy_at_coreset_sizes(n: int, metric: str) -> None:
-    # the CPU fast path (lazy heap) against the plain vectorised greedy, float32, with
-    # near-ties as real features make them
+    # the CPU fast paths (lazy greedy; every gain recomputed, for a few points) against
+    # the plain vectorised greedy, float32, with near-ties as real features make them
     gen = torch.Generator().manual_seed(n)
     x = torch.randn(n, 256, generator=gen) * torch.rand(n, 1, generator=gen)
     sim = similarity_of(x, metric)
     cand = sim.T.contiguous()
-    lazy = _greedy_lazy(cand, n // 2)
     plain = _greedy_device(cand, n // 2)
-    assert torch.equal(lazy[0], plain[0])
-    assert torch.allclose(lazy[1], plain[1], rtol=1e-5)
-    assert torch.allclose(lazy[2], plain[2])
+    for fast in (_greedy_lazy(cand, n // 2), _greedy_small(cand, n // 2)):
+        assert torch.equal(fast[0], plain[0])
+        assert torch.allclose(fast[1], plain[1], rtol=1e-5)
+        assert torch.allclose(fast[2], plain[2])
