@@ -145,3 +145,29 @@ def test_bench_features_fsdp_mode_prints_per_process_memory(tiny_model_dir):
         assert float(shard) == pytest.approx(float(whole) / 2, abs=0.1)  # half each
         assert 0 < float(gathered) < float(whole)  # the last block, norm and head only
         assert float(selection) > 0 and float(step) > 0
+
+
+def test_bench_pseudo_k_counts_small_sources_kept_whole():
+    """The k scan on separable blobs: at the true k every small-source example is in a
+    cluster kept whole and no big-source example is; at k = 2 the small ones are merged
+    into the big clusters and none is kept."""
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_pseudo_k", ROOT / "benchmarks" / "bench_pseudo_k.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    gen = np.random.default_rng(0)
+    sizes = {"big1": 120, "big2": 100, "small1": 12, "small2": 8}
+    centers = {name: gen.normal(size=16) * 10 for name in sizes}
+    truth = [name for name, n in sizes.items() for _ in range(n)]
+    emb = np.stack([centers[t] + gen.normal(size=16) for t in truth]).astype(np.float32)
+    assert mod.kept_whole(truth) == {"small1", "small2"}
+    rows = {r["k"]: r for r in mod.scan(emb, truth, [2, 4])}
+    assert rows[4]["ari"] > 0.99
+    assert (rows[4]["small_kept"], rows[4]["small_total"], rows[4]["big_kept"]) == (20, 20, 0)
+    assert rows[2]["small_kept"] == 0
+    assert "| 4 | 1.00 | 20 / 20 | 0 |" in mod.table([rows[4]])
