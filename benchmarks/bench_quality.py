@@ -109,6 +109,17 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
         ],
         "random_big on pseudo-sources (k-means clusters of the hidden states, k by silhouette)",
     ),
+    "random_big_pseudo_k12": (
+        [
+            "train.method=colm",
+            "selector.preset=paper",
+            "selector.method=random_big",
+            "data.sources=auto",
+            "data.num_sources=12",
+        ],
+        "random_big on 12 pseudo-sources (the k that keeps the small sources whole with the "
+        "fewest big-source examples, benchmarks/bench_pseudo_k.py)",
+    ),
     "colm_pseudo": (
         [*PAPER, "data.sources=auto"],
         "CoLM as the paper configures it, on pseudo-sources instead of the true sources",
@@ -127,7 +138,7 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
 PROTOCOL = ["full", "accumulate", "random", "random_b2", "random_big", "colm"]
 ABLATIONS = ["no_small", "no_adam", "joint", "cluster_weights"]
 CANDIDATES = ["match_exact_opt", "exact", "exact_match"]
-PSEUDO = ["random_big_pseudo", "colm_pseudo"]
+PSEUDO = ["random_big_pseudo", "random_big_pseudo_k12", "colm_pseudo"]
 REFERENCES = ("random_big", "random", "full", "colm")  # paired against, when present
 
 # the --quick set-up: a tiny model, a small mixture, 4 steps
