@@ -243,9 +243,7 @@ else:
         step) and the final evaluation (of the saved adapter, loaded whole) are the
         plain run's."""
         pytest.importorskip("deepspeed", reason="deepspeed is not installed")
-        from safetensors.torch import load_file
-
-        from tests.integrations.test_distributed import _cli
+        from tests.integrations.test_distributed import _cli, assert_same_cli_run
 
         env = {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(extensions_dir)}
         heldout = {"enabled": True, "generate": False, "at_start": True, "every": 2}
@@ -254,21 +252,8 @@ else:
         two = _cli(
             tmp_path, tiny_model_dir, "two", 2, deepspeed=zero3, env_extra=env, eval_cfg=heldout
         )
-        lines = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
-        ref = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
-        assert [x["colm/processes"] for x in lines if "loss" in x] == [2, 2, 2]
-        assert all(x["colm/time_features"] > 0 for x in lines if "loss" in x)
-        for key in ("loss", "colm/basic_arithmetic/selected", "colm/gcd/kept"):
-            assert [x.get(key, 0) for x in lines if "loss" in x] == pytest.approx(
-                [x.get(key, 0) for x in ref if "loss" in x], abs=1e-5
-            )
-        a = load_file(one / "adapter" / "adapter_model.safetensors")
-        b = load_file(two / "adapter" / "adapter_model.safetensors")
-        assert sorted(a) == sorted(b)
-        for name in a:
-            assert a[name].shape == b[name].shape and a[name].numel() > 0, name
-            assert float((a[name] - b[name]).abs().max()) < 1e-5, name
-        assert (two / "checkpoints" / "checkpoint-2" / "colm_complete").exists()
+        steps = assert_same_cli_run(one, two)
+        assert all(x["colm/time_features"] > 0 for x in steps)
         curves = [
             [json.loads(x) for x in (run / "heldout.jsonl").read_text().splitlines()]
             for run in (one, two)

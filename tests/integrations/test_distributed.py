@@ -287,21 +287,31 @@ def test_colm_train_cli_under_torchrun_matches_one_process(tmp_path, tiny_model_
     `accelerate launch --multi_gpu --num_processes 2 -m colm.cli train CONFIG`):
     train.source_batch is the global batch; rank 0 alone writes the run files; the result
     equals 1 process."""
-    from safetensors.torch import load_file
-
     one = _cli(tmp_path, tiny_model_dir, "one", 1)
     two = _cli(tmp_path, tiny_model_dir, "two", 2, launcher)
+    assert_same_cli_run(one, two)
+
+
+def assert_same_cli_run(one: Path, two: Path) -> list[dict]:
+    """A 2-process `colm train` run (``two``) against the 1-process one: one metrics line
+    per step, the same losses and selections, the same (whole, non-empty) adapter, and
+    the step-2 checkpoint complete. Returns the 2-process run's step lines."""
+    from safetensors.torch import load_file
+
     lines = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
     ref = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3]  # one line per step
-    assert [x["colm/processes"] for x in lines if "loss" in x] == [2, 2, 2]
+    steps = [x for x in lines if "loss" in x]
+    assert [x["step"] for x in steps] == [1, 2, 3]  # one line per step
+    assert [x["colm/processes"] for x in steps] == [2, 2, 2]
     for key in ("loss", "colm/basic_arithmetic/selected", "colm/gcd/kept"):
-        assert [x.get(key, 0) for x in lines if "loss" in x] == pytest.approx(
+        assert [x.get(key, 0) for x in steps] == pytest.approx(
             [x.get(key, 0) for x in ref if "loss" in x], abs=1e-5
         )
     a = load_file(one / "adapter" / "adapter_model.safetensors")
     b = load_file(two / "adapter" / "adapter_model.safetensors")
     assert sorted(a) == sorted(b)
     for name in a:
+        assert a[name].shape == b[name].shape and a[name].numel() > 0, name
         assert float((a[name] - b[name]).abs().max()) < 1e-5, name
     assert (two / "checkpoints" / "checkpoint-2" / "colm_complete").exists()
+    return steps
