@@ -218,8 +218,8 @@ def _greedy(sim: Tensor, k: int, *, symmetric: bool = False) -> tuple[Tensor, Te
 
 
 # at most this many points, the CPU greedy recomputes every gain at every step
-# (_greedy_small): fewer numpy calls per step than the lazy greedy's, which wins above
-# (benchmarks/bench_facility.py: 1.8x faster at N = 16, even at 64, 2x slower at 128)
+# (_greedy_small): fewer numpy calls per step than the lazy greedy's, whose skipped
+# gain updates win as N grows (compare them with benchmarks/bench_facility.py)
 SMALL_N = 48
 
 
