@@ -88,6 +88,10 @@ class DataSettings:
     # under their fingerprint (model, dtype, every example's tokens) and reused by every
     # run on the same data and model (None: only the run directory keeps them)
     embeddings_cache: str | None = None
+    # sources="auto": cluster again after this many training steps, with the model as
+    # trained so far, and select on those clusters from then on (the paper's order: warm
+    # up, then cluster); None: the clusters of the model as loaded, throughout
+    cluster_after: int | None = None
 
 
 @dataclass
@@ -184,6 +188,30 @@ class RunConfig:
             where = f"selector.{m.group(1)}" if m else "selector"
             raise ConfigError(f"{where}: {e}") from e
 
+    def _validate_cluster_after(self) -> None:
+        d, t = self.data, self.train
+        if not _is_int(d.cluster_after) or not 1 <= d.cluster_after < t.steps:
+            _bad(
+                "data.cluster_after",
+                d.cluster_after,
+                f"an integer from 1 to train.steps - 1 ({t.steps - 1}): the training steps "
+                "after which the data is clustered again; or null (never)",
+            )
+        if t.method not in ("colm", "random"):
+            _bad(
+                "data.cluster_after",
+                d.cluster_after,
+                f"null with train.method={t.method!r}, which selects nothing (the new clusters "
+                "are only used by selection)",
+            )
+        if t.deepspeed is not None and deepspeed_stage(t.deepspeed) == 3:
+            _bad(
+                "data.cluster_after",
+                d.cluster_after,
+                "null under DeepSpeed ZeRO-3 (embedding the data again stops each forward "
+                "pass inside the partitioned model)",
+            )
+
     def validate(self) -> None:
         """Check every value that can be checked without the data or the model."""
         t, d = self.train, self.data
@@ -262,6 +290,8 @@ class RunConfig:
                 "a folder (created if missing) shared by runs for the pseudo-source "
                 "embeddings, or null",
             )
+        if d.cluster_after is not None:
+            self._validate_cluster_after()
         self._validate_lora()
         self._validate_dtype()
 

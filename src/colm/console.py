@@ -12,6 +12,7 @@ group, the time, the peak memory and where the report is.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import sys
 import time
@@ -22,6 +23,17 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 SELECTION_KEYS = ("colm/time_features", "colm/time_selection")
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun / accelerate launch (the launchers set RANK), else True."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def log(msg: str) -> None:
+    """One ``colm: ...`` line on stderr, from the main process only."""
+    if is_main_process():
+        print(f"colm: {msg}", file=sys.stderr, flush=True)
 
 
 def install(trainer: Any) -> ConsoleProgress:

@@ -180,28 +180,13 @@ def _pseudo_sources_section(runs: Sequence[RunData]) -> list[str]:
     """Runs trained on pseudo-sources (data.sources=auto): what each cluster is."""
     lines: list[str] = []
     for run in runs:
-        path = Path(run.path) / "pseudo_sources.json"
-        if not path.exists():
-            continue
-        ps = json.loads(path.read_text())
-        tried = ", ".join(f"k={k}: {v:.3f}" for k, v in ps.get("silhouettes", {}).items())
-        ari = ps.get("ari_vs_labels")
-        lines += [
-            f"`{run.name}`: k={ps['k']}"
-            + (f" (silhouette {tried})" if tried else " (data.num_sources)")
-            + (f"; adjusted Rand index against the data's labels {ari:.3f}" if ari else "")
-            + (f"; {ps['note']}" if ps.get("note") else ""),
-            "",
-            *_table(
-                ["cluster", "examples", "typical example (first words)"],
-                [
-                    [c, str(n), ps.get("first_words", {}).get(c, "-")]
-                    for c, n in ps["sizes"].items()
-                ],
-                "lrl",
-            ),
-            "",
-        ]
+        for name, when in (
+            ("pseudo_sources.json", ""),
+            ("pseudo_sources_warm.json", ", clustered again after step {step}"),
+        ):
+            path = Path(run.path) / name
+            if path.exists():
+                lines += _clusters(run.name, json.loads(path.read_text()), when)
     if lines:
         lines = [
             "## Pseudo-sources",
@@ -212,6 +197,24 @@ def _pseudo_sources_section(runs: Sequence[RunData]) -> list[str]:
             *lines,
         ]
     return lines
+
+
+def _clusters(run_name: str, ps: dict, when: str) -> list[str]:
+    tried = ", ".join(f"k={k}: {v:.3f}" for k, v in ps.get("silhouettes", {}).items())
+    ari = ps.get("ari_vs_labels")
+    return [
+        f"`{run_name}`{when.format(step=ps.get('step'))}: k={ps['k']}"
+        + (f" (silhouette {tried})" if tried else " (data.num_sources)")
+        + (f"; adjusted Rand index against the data's labels {ari:.3f}" if ari else "")
+        + (f"; {ps['note']}" if ps.get("note") else ""),
+        "",
+        *_table(
+            ["cluster", "examples", "typical example (first words)"],
+            [[c, str(n), ps.get("first_words", {}).get(c, "-")] for c, n in ps["sizes"].items()],
+            "lrl",
+        ),
+        "",
+    ]
 
 
 def make_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> Path:

@@ -16,7 +16,6 @@ import os
 import random
 import resource
 import signal
-import sys
 import time
 import warnings
 from collections.abc import Mapping
@@ -36,7 +35,10 @@ from .config import (
     save_config,
 )
 from .console import install as install_console
+from .console import is_main_process as _is_main_process
+from .console import log as _log
 from .console import summary_table
+from .pseudo_run import WarmClustersWriter, assign_pseudo_sources
 
 
 class NonFiniteLossError(RuntimeError):
@@ -49,11 +51,6 @@ class NonFiniteLossError(RuntimeError):
         super().__init__(message)
         self.step = step
         self.checkpoint = checkpoint
-
-
-def _log(msg: str) -> None:
-    if _is_main_process():
-        print(f"colm: {msg}", file=sys.stderr, flush=True)
 
 
 def load_data(cfg: RunConfig) -> tuple[list[dict], list[dict], list[dict]]:
@@ -294,11 +291,6 @@ def heldout_record(
 def _world_size() -> int:
     dist = torch.distributed
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _is_main_process() -> bool:
-    """Rank 0 under torchrun / accelerate launch (the launchers set RANK), else True."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 class _StopOnSignal(TrainerCallback):
@@ -554,6 +546,12 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
     _log(f"run directory {run}")
     train_records, test_in, test_out = load_data(cfg)
     auto = cfg.data.sources == "auto"
+    if cfg.data.cluster_after is not None and not auto:
+        raise ConfigError(
+            f"data.cluster_after={cfg.data.cluster_after} clusters the data again into "
+            "pseudo-sources, but the run uses the labels in data.source_column; set "
+            "data.sources: auto, or data.cluster_after: null"
+        )
     if not auto:
         cfg.validate_data(source_counts(train_records))  # before the model is loaded
     model, tokenizer = build_model(cfg)
@@ -563,6 +561,7 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
         examples, report = tokenize_records(
             train_records, tokenizer, max_length=cfg.data.max_length, overflow=cfg.data.overflow
         )
+    truth = [ex.get("source") for ex in examples]  # labelled data clustered anyway: ARI
     if auto:  # the clusters become the sources, before anything counts them
         assign_pseudo_sources(cfg, run, model, tokenizer, examples, resume=resume, write=main)
         cfg.validate_data(source_counts(examples))
@@ -618,7 +617,11 @@ def run_training(cfg: RunConfig, resume: bool = False) -> Path:
         colm_config=selector_cfg,
         colm_method=t.method,
         callbacks=callbacks,
+        colm_num_sources=cfg.data.num_sources,
+        colm_cluster_after=cfg.data.cluster_after,
     )
+    if cfg.data.cluster_after is not None and main:
+        trainer.add_callback(WarmClustersWriter(run, trainer, tokenizer, truth))
     guard.trainer = trainer
     _install_nan_fault(model, guard)
     install_console(trainer)  # one progress bar; the per-step log dicts go to files only
@@ -694,152 +697,6 @@ def _gathered_for_saving(model, cfg: RunConfig):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-
-
-PSEUDO_SOURCES_FILE = "pseudo_sources.json"
-PSEUDO_EMBEDDINGS_FILE = "pseudo_sources_embeddings.npy"
-
-
-def _fingerprint(cfg: RunConfig, examples: list[dict]) -> str:
-    """Identifies the embedded data: the model, its dtype and every example's tokens."""
-    import hashlib
-
-    h = hashlib.sha256(f"{cfg.model.name}|{cfg.model.dtype}|".encode())
-    for ex in examples:
-        h.update(np.asarray(ex["input_ids"], dtype=np.int64).tobytes() + b"|")
-    return h.hexdigest()
-
-
-def assign_pseudo_sources(
-    cfg: RunConfig,
-    run: Path,
-    model,
-    tokenizer,
-    examples: list[dict],
-    resume: bool = False,
-    write: bool = True,
-) -> dict[str, Any]:
-    """data.sources=auto: set each tokenized example's ``source`` to its pseudo-source.
-
-    A resumed run restores the assignment from RUN/pseudo_sources.json (no model
-    pass). Otherwise the embeddings are reused from RUN/pseudo_sources_embeddings.npy
-    when they were made from the same model and tokens, else computed; then they
-    are clustered (data.num_sources, train.seed). The assignment is written with k,
-    the silhouette per k tried, each cluster's size and typical example (index and
-    first words) and, when the data had source labels (the built-in mixture), the
-    adjusted Rand index against them. Returns that record.
-    """
-    from .data.pseudo_sources import (
-        PseudoSources,
-        adjusted_rand_index,
-        first_words,
-        pseudo_sources,
-    )
-
-    path, cache = run / PSEUDO_SOURCES_FILE, run / PSEUDO_EMBEDDINGS_FILE
-    fingerprint = _fingerprint(cfg, examples)
-    saved = json.loads(path.read_text()) if path.exists() else None
-    if resume and saved is not None and saved.get("fingerprint") == fingerprint:
-        record = saved
-        _log(f"pseudo-sources restored from {path} (k={record['k']})")
-    else:
-        if resume:
-            _log(f"{path} is missing or was made for other data: computing pseudo-sources")
-        embeddings = None
-        if saved is not None and saved.get("fingerprint") == fingerprint and cache.exists():
-            embeddings = np.load(cache)
-            _log(f"pseudo-sources: reusing the embeddings in {cache}")
-        elif cache.exists():
-            cache.unlink()
-        shared = None
-        if cfg.data.embeddings_cache is not None:
-            shared = Path(cfg.data.embeddings_cache) / f"pseudo_sources_{fingerprint[:32]}.npy"
-            if embeddings is None and shared.exists():
-                embeddings = _shared_embeddings(shared, model, examples)
-                if embeddings is not None:
-                    shared = None  # nothing new to write there
-        embedding_s = 0.0  # seconds spent embedding in this run (0: reused)
-        if embeddings is None:
-            from .data.pseudo_sources import embed_examples
-
-            t0 = time.perf_counter()
-            embeddings = embed_examples(model, examples)
-            embedding_s = time.perf_counter() - t0
-        result = pseudo_sources(
-            model,
-            examples,
-            k=cfg.data.num_sources,
-            seed=cfg.train.seed,
-            progress=False,
-            embeddings=embeddings,
-        )
-        record = {"fingerprint": fingerprint, **result.as_dict(), "embedding_s": embedding_s}
-        record["first_words"] = first_words(tokenizer, examples, result.typical)
-        truth = [ex.get("source") for ex in examples]
-        if len(set(truth)) > 1:  # labelled data clustered anyway: how well it agrees
-            record["ari_vs_labels"] = adjusted_rand_index(truth, result.labels)
-        if write:
-            np.save(cache, embeddings)
-            if shared is not None:  # computed or taken from the run directory here
-                shared.parent.mkdir(parents=True, exist_ok=True)
-                tmp_npy = shared.with_name(shared.stem + f".{os.getpid()}.tmp.npy")
-                np.save(tmp_npy, embeddings)
-                tmp_npy.replace(shared)  # atomic: runs sharing the folder never see half a file
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(record, indent=1))
-            tmp.replace(path)
-    labels = PseudoSources.from_dict(record).labels
-    if len(labels) != len(examples):
-        raise ValueError(f"{path} assigns {len(labels)} examples, the data has {len(examples)}")
-    for ex, label in zip(examples, labels):
-        ex["source"] = label
-    sizes = ", ".join(f"{n} {c}" for c, n in record["sizes"].items())
-    _log(
-        f"pseudo-sources: k={record['k']} ({sizes})"
-        + (f"; {record['note']}" if record.get("note") else "")
-        + f"; assignment in {path}"
-    )
-    return record
-
-
-SPOT_CHECK_EXAMPLES = 2
-SPOT_CHECK_COSINE = 0.999
-
-
-def _shared_embeddings(path: Path, model, examples: list[dict]) -> np.ndarray | None:
-    """The embeddings in a shared cache file, or None (with a notice) when they do not fit.
-
-    The fingerprint names the model by its name, not its weights, so a spot check
-    embeds the first examples again: different weights under the same name (a model
-    fine-tuned and saved in place) give different embeddings, and the cache is redone.
-    """
-    from .data.pseudo_sources import embed_examples
-
-    try:
-        cached = np.load(path)
-    except (OSError, ValueError) as exc:
-        _log(f"pseudo-sources: {path} is unreadable ({exc}); embedding again")
-        return None
-    if cached.ndim != 2 or len(cached) != len(examples):
-        _log(f"pseudo-sources: {path} holds {cached.shape}, not {len(examples)} rows; redoing it")
-        return None
-    n = min(SPOT_CHECK_EXAMPLES, len(examples))
-    fresh = embed_examples(model, examples[:n], progress=False)
-    if fresh.shape[1] != cached.shape[1]:
-        _log(f"pseudo-sources: {path} was made by another model (width); embedding again")
-        return None
-    old = cached[:n]
-    cos = (fresh * old).sum(1) / np.maximum(
-        np.linalg.norm(fresh, axis=1) * np.linalg.norm(old, axis=1), 1e-30
-    )
-    if float(cos.min()) < SPOT_CHECK_COSINE:
-        _log(
-            f"pseudo-sources: {path} does not match this model's embeddings "
-            f"(cosine {float(cos.min()):.4f} on a spot check); embedding again"
-        )
-        return None
-    _log(f"pseudo-sources: reusing the shared embeddings in {path}")
-    return cached
 
 
 def _place_tensorboard(trainer, folder: Path) -> None:

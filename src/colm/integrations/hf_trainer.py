@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from ..selector import CoresetSelector, SelectorConfig
-from . import batching
+from . import batching, recluster
 
 TRAIN_METHODS = ("colm", "random", "full", "accumulate")
 WEIGHT_KEY = "colm_weight"
@@ -65,9 +65,17 @@ class KeepSourceCollator:
     def __call__(self, features):
         if features and isinstance(features[0], Mapping) and self.source_column in features[0]:
             sources = [str(f[self.source_column]) for f in features]
-            features = [{k: v for k, v in f.items() if k != self.source_column} for f in features]
+            rows = (
+                [f[recluster.ROW_KEY] for f in features]
+                if recluster.ROW_KEY in features[0]
+                else None
+            )
+            drop = (self.source_column, recluster.ROW_KEY)
+            features = [{k: v for k, v in f.items() if k not in drop} for f in features]
             batch = self.inner(features)
             batch["source"] = sources
+            if rows is not None:  # colm_cluster_after: the rows, to read their labels late
+                batch[recluster.ROW_KEY] = rows
             return batch
         return self.inner(features)
 
@@ -106,6 +114,11 @@ class CoLMTrainerMixin:
             states, :mod:`colm.data.pseudo_sources`) are computed on ``train_dataset``
             and stored in its ``source`` column (the result in ``colm_pseudo_sources``).
         colm_num_sources: clusters with ``source_column=None`` (None: chosen by silhouette).
+        colm_cluster_after: cluster the training set again after this many optimizer
+            steps, with the model as trained so far, and select on those clusters from
+            then on (the paper's order: warm up, then cluster;
+            :mod:`colm.integrations.recluster`). The training set must be a list of
+            dicts; the result is in ``colm_warm_sources``. None (default): never.
     """
 
     def __init__(
@@ -116,6 +129,7 @@ class CoLMTrainerMixin:
         source_counts: Mapping[str, int] | None = None,
         source_column: str | None = "source",
         colm_num_sources: int | None = None,
+        colm_cluster_after: int | None = None,
         **kwargs,
     ):
         if colm_method not in TRAIN_METHODS:
@@ -133,6 +147,9 @@ class CoLMTrainerMixin:
         self.colm_method = colm_method
         self.colm_config = colm_config or SelectorConfig()
         self.colm_pseudo_sources = None
+        self.colm_num_sources = colm_num_sources
+        self.colm_warm_sources = None  # (step, PseudoSources) once clustered again
+        self.colm_cluster_after = colm_cluster_after
         if source_column is None:  # the tokenized training set, clustered by the model
             from ..data.pseudo_sources import with_pseudo_sources
 
@@ -167,7 +184,10 @@ class CoLMTrainerMixin:
                 # replay chunks no larger than a training micro-batch of the coreset, so that
                 # selection never needs more memory than the training step
                 cfg = dataclasses.replace(cfg, chunk_size=math.ceil(coreset / world / ga))
+            self._colm_selector_config = cfg
             self.colm_selector = CoresetSelector(cfg, self.colm_source_counts)
+        if colm_cluster_after is not None:
+            self._colm_setup_recluster(colm_cluster_after)
         if getattr(self.data_collator, "padding_free", False):
             raise ValueError(
                 "the data collator is padding-free (examples merged into one row); "
@@ -180,6 +200,38 @@ class CoLMTrainerMixin:
             self.loss_is_scaled_for_ga = True
         self._colm_log: list[dict[str, float]] = []
         self._colm_sub_batch: int | None = None
+
+    # -- clustering again after a warm-up ----------------------------------------------
+    def _colm_setup_recluster(self, step: object) -> None:
+        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+            raise ValueError(f"colm_cluster_after={step!r} is invalid; expected an integer >= 1")
+        if 0 < self.args.max_steps <= step:
+            raise ValueError(
+                f"colm_cluster_after={step} is not before the last step (max_steps="
+                f"{self.args.max_steps}): the new clusters would never be used"
+            )
+        if self.colm_selector is None:
+            raise ValueError(
+                f"colm_cluster_after changes the sources that selection uses; colm_method="
+                f"{self.colm_method!r} selects nothing"
+            )
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None and getattr(plugin, "zero_stage", None) == 3:
+            raise ValueError(
+                "colm_cluster_after is not supported under DeepSpeed ZeRO-3: embedding the "
+                "training set stops each forward pass inside the partitioned model"
+            )
+        recluster.check_relabelable(self.train_dataset, self.args.dataloader_num_workers)
+        for i, row in enumerate(self.train_dataset):
+            row[recluster.ROW_KEY] = i
+        self.add_callback(recluster.Recluster(self, step))
+
+    def _colm_switch_sources(self, result, step: int) -> None:
+        """Relabel the training rows with ``result`` (clustered after ``step`` steps) and
+        start the selector afresh on the new sources."""
+        self.colm_source_counts = recluster.apply_labels(self, result.labels)
+        self.colm_selector = CoresetSelector(self._colm_selector_config, self.colm_source_counts)
+        self.colm_warm_sources = (step, result)
 
     # -- keep the source column ------------------------------------------------
     def _set_signature_columns_if_needed(self):
@@ -225,6 +277,11 @@ class CoLMTrainerMixin:
         if not batch_samples:
             return batch_samples, num_items
         for b in batch_samples:
+            if recluster.ROW_KEY in b:
+                # the labels as they are now: a micro-batch may have been collated (loaders
+                # fetch ahead) before the training set was clustered again
+                col = self.source_column
+                b["source"] = [str(self.train_dataset[i][col]) for i in b.pop(recluster.ROW_KEY)]
             batching.check_not_packed(b)
             if "source" not in b:
                 raise ValueError(
@@ -332,6 +389,8 @@ class CoLMTrainerMixin:
         if self.args.should_save:
             if self.colm_selector is not None:
                 torch.save(self.colm_selector.state_dict(), os.path.join(folder, SELECTOR_FILE))
+            if self.colm_warm_sources is not None:
+                recluster.save(folder, *self.colm_warm_sources)
             # fault injection for tests: die while the checkpoint is incomplete
             if os.environ.get("COLM_FAULT_SIGKILL_IN_SAVE") == str(self.state.global_step):
                 os.kill(os.getpid(), 9)
@@ -347,6 +406,15 @@ class CoLMTrainerMixin:
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
+        warm = recluster.load(checkpoint)
+        if warm is not None:  # clustered again before this checkpoint: the same sources
+            if self.colm_cluster_after != warm[0]:
+                raise ValueError(
+                    f"{checkpoint} was written after the training set was clustered again at "
+                    f"step {warm[0]} (colm_cluster_after={warm[0]}); resume with the same "
+                    f"colm_cluster_after, not {self.colm_cluster_after}"
+                )
+            self._colm_switch_sources(warm[1], warm[0])
         path = os.path.join(checkpoint, SELECTOR_FILE)
         if self.colm_selector is not None and os.path.exists(path):
             self.colm_selector.load_state_dict(load_selector_state(path))
