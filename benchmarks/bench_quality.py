@@ -107,7 +107,17 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
             "selector.method=random_big",
             "data.sources=auto",
         ],
-        "random_big on pseudo-sources (k-means clusters of the hidden states, k by silhouette)",
+        "random_big on pseudo-sources (clusters of the hidden states, found by density)",
+    ),
+    "random_big_pseudo_k4": (
+        [
+            "train.method=colm",
+            "selector.preset=paper",
+            "selector.method=random_big",
+            "data.sources=auto",
+            "data.num_sources=4",
+        ],
+        "random_big on 4 pseudo-sources (k-means; the k the silhouette chooses on this mixture)",
     ),
     "random_big_pseudo_k12": (
         [
@@ -138,7 +148,7 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
 PROTOCOL = ["full", "accumulate", "random", "random_b2", "random_big", "colm"]
 ABLATIONS = ["no_small", "no_adam", "joint", "cluster_weights"]
 CANDIDATES = ["match_exact_opt", "exact", "exact_match"]
-PSEUDO = ["random_big_pseudo", "random_big_pseudo_k12", "colm_pseudo"]
+PSEUDO = ["random_big_pseudo", "random_big_pseudo_k4", "random_big_pseudo_k12", "colm_pseudo"]
 REFERENCES = ("random_big", "random", "full", "colm")  # paired against, when present
 
 # the --quick set-up: a tiny model, a small mixture, 4 steps

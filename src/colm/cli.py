@@ -157,7 +157,7 @@ def _pseudo_source_pool(args, model, tokenizer, records: list[dict], gen) -> lis
     print(f"\npseudo-sources: embedding {n} examples with their source labels hidden ...")
     result = pseudo_sources(model, rows, k=args.num_sources, seed=args.seed)
     words = first_words(tokenizer, rows, result.typical)
-    how = "given" if args.num_sources else "chosen by silhouette"
+    how = "given" if args.num_sources else "found by density clustering"
     print(
         f"k = {result.k} ({how}); adjusted Rand index against the hidden labels: "
         f"{adjusted_rand_index(truth, result.labels):.3f}"
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         "model's hidden states) of a random pool of it",
     )
     p.add_argument("--pool", type=int, default=256, help="examples clustered (--pseudo-sources)")
-    p.add_argument("--num-sources", type=int, default=None, help="k (default: by silhouette)")
+    p.add_argument("--num-sources", type=int, default=None, help="k (default: found by density clustering)")
     p.set_defaults(func=_select)
 
     args = parser.parse_args(argv)

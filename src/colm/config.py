@@ -83,7 +83,7 @@ class DataSettings:
     # clusters of the model's hidden states (docs/pseudo_sources.md). Data without the
     # default source column falls back to "auto" with a notice.
     sources: str = "column"
-    num_sources: int | None = None  # clusters with sources="auto"; None: chosen by silhouette
+    num_sources: int | None = None  # clusters with sources="auto"; None: found by density (HDBSCAN)
     # sources="auto": a folder shared by runs, where the pseudo-source embeddings are kept
     # under their fingerprint (model, dtype, every example's tokens) and reused by every
     # run on the same data and model (None: only the run directory keeps them)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 
 import numpy as np
@@ -14,7 +15,12 @@ from sklearn.metrics import adjusted_rand_score
 
 from colm.cli import main
 from colm.data import DataError, MixtureSpec, build_default_mixture, pseudo_sources
-from colm.data.pseudo_sources import _normalise, cluster_embeddings, embed_examples
+from colm.data.pseudo_sources import (
+    PseudoSources,
+    _normalise,
+    cluster_embeddings,
+    embed_examples,
+)
 from colm.features.locate import find_layers
 from tests.conftest import make_rows, make_tiny
 
@@ -44,16 +50,72 @@ def test_deterministic_for_a_seed():
     assert a.as_dict() == b.as_dict()
 
 
-def test_automatic_k_recovers_separated_groups():
+@pytest.mark.parametrize("auto", ["density", "silhouette"])
+def test_automatic_k_recovers_separated_groups(auto):
     x, truth = _blobs(sizes=(25, 18, 10, 7))
-    res = cluster_embeddings(x, k=None, seed=0)
-    assert res.k == 4
+    res = cluster_embeddings(x, k=None, seed=0, auto=auto)
+    assert res.k == 4 and res.method == auto
     assert adjusted_rand_score(truth, res.labels) == 1.0
-    assert set(res.silhouettes) == set(range(2, 11))
-    assert max(res.silhouettes, key=res.silhouettes.get) == 4
+    if auto == "silhouette":
+        assert set(res.silhouettes) == set(range(2, 11))
+        assert max(res.silhouettes, key=res.silhouettes.get) == 4
+    else:
+        assert res.silhouettes == {} and res.min_cluster_size == 60 // 8  # small data
     # the typical example of each cluster belongs to it
     for name, i in res.typical.items():
         assert res.labels[i] == name
+    assert PseudoSources.from_dict(res.as_dict()) == res
+
+
+def _big_spread_and_small_tight(seed: int, dim: int = 32) -> tuple[np.ndarray, list[int]]:
+    """Two big sources spread wide and three small tight ones: the imbalance CoLM is for."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(5, dim)) * 4
+    groups = [(400, 1.5), (300, 1.5), (20, 0.3), (20, 0.3), (20, 0.3)]
+    x = np.concatenate([c + s * rng.normal(size=(n, dim)) for c, (n, s) in zip(centres, groups)])
+    return x, [g for g, (n, _) in enumerate(groups) for _ in range(n)]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_density_keeps_small_sources_apart_where_the_silhouette_merges_them(seed):
+    """Why density is the default: k-means with the silhouette's k (2 here) merges the
+    small groups into the big ones; the density clustering finds all five groups."""
+    x, truth = _big_spread_and_small_tight(seed)
+    merged = cluster_embeddings(x, k=None, seed=0, auto="silhouette")
+    assert merged.k == 2 and adjusted_rand_score(truth, merged.labels) < 0.9
+    res = cluster_embeddings(x, k=None, seed=0)
+    assert res.k == 5 and adjusted_rand_score(truth, res.labels) == 1.0
+    assert sorted(res.sizes.values()) == [20, 20, 20, 300, 400]
+
+
+def test_density_on_a_sample_labels_every_example(monkeypatch):
+    """Above DENSITY_SAMPLE examples the density clustering is fitted on a sample; every
+    other example joins the nearest centroid, which on separated groups is its own. (A
+    group needs about min_cluster_size examples IN the sample to be found.)"""
+    ps = sys.modules["colm.data.pseudo_sources"]
+
+    x, truth = _blobs(sizes=(300, 200, 60, 40), seed=4)
+    monkeypatch.setattr(ps, "DENSITY_SAMPLE", 300)
+    res = cluster_embeddings(x, k=None, seed=3)
+    assert len(res.labels) == len(x) and res.k == 4
+    assert adjusted_rand_score(truth, res.labels) == 1.0
+
+
+def test_density_splits_no_further_than_max_clusters(monkeypatch):
+    """Too many dense groups: min_cluster_size doubles until at most MAX_DENSITY_CLUSTERS
+    clusters remain."""
+    ps = sys.modules["colm.data.pseudo_sources"]
+
+    x, _ = _blobs(sizes=(40,) * 8, spread=0.05, seed=2)
+    assert cluster_embeddings(x, k=None).k == 8
+    monkeypatch.setattr(ps, "MAX_DENSITY_CLUSTERS", 4)
+    res = cluster_embeddings(x, k=None)
+    assert res.k <= 4 and res.min_cluster_size > 15
+
+
+def test_bad_auto():
+    with pytest.raises(ValueError, match="auto='kmeans' is invalid"):
+        cluster_embeddings(np.eye(4), auto="kmeans")
 
 
 def test_embeddings_are_the_last_block_input_mean():
@@ -106,7 +168,8 @@ def test_fewer_distinct_examples_than_clusters():
     x = np.repeat(np.eye(3), 4, axis=0)  # 12 examples, 3 distinct
     with pytest.raises(DataError, match=r"only 3 of the 12 examples are distinct"):
         cluster_embeddings(x, k=4)
-    assert cluster_embeddings(x, k=None).k == 3  # each group of duplicates: silhouette 1
+    assert cluster_embeddings(x, k=None).k == 3  # each group of duplicates: dense
+    assert cluster_embeddings(x, k=None, auto="silhouette").k == 3  # silhouette 1
 
 
 def test_duplicate_only_data_gives_one_cluster_with_a_note():

@@ -11,10 +11,13 @@ module does that:
    the selector works on; located with :func:`colm.features.locate.find_layers`,
    the same locator the selector uses). The embedding is the mean of that hidden
    state over the example's real (non-padding) tokens.
-2. :func:`cluster_embeddings`: k-means (scikit-learn) on the embeddings after
-   per-dimension standardisation and L2 normalisation, so that a few
-   high-magnitude hidden dimensions (common in LMs) do not decide the clusters
-   alone, and Euclidean k-means behaves like clustering by cosine similarity.
+2. :func:`cluster_embeddings`: the embeddings after per-dimension standardisation
+   and L2 normalisation (so that a few high-magnitude hidden dimensions, common in
+   LMs, do not decide the clusters alone, and Euclidean distances behave like
+   cosine ones), clustered by k-means (scikit-learn) when k is given, and otherwise
+   by density (HDBSCAN, scikit-learn), which finds the number of clusters itself and,
+   unlike k-means with a silhouette-chosen k, isolates small sources instead of
+   splitting big ones (see :func:`cluster_embeddings`).
 3. :func:`pseudo_sources`: both, returning :class:`PseudoSources` (one label
    ``cluster_0``, ``cluster_1``, ... per example, largest cluster first).
 """
@@ -37,7 +40,15 @@ from ..features.replay import _StopForward
 from ..models import eval_mode
 from .errors import DataError
 
-# automatic k: the silhouette is compared for k = 2 .. min(MAX_AUTO_K, n - 1)
+# automatic k, by density: HDBSCAN on the first PCA_DIMS principal components of at
+# most DENSITY_SAMPLE examples, min_cluster_size MIN_CLUSTER_SIZE (less on small data),
+# doubled while more than MAX_DENSITY_CLUSTERS clusters come out
+PCA_DIMS = 50
+DENSITY_SAMPLE = 5000
+MIN_CLUSTER_SIZE = 15
+MAX_DENSITY_CLUSTERS = 20
+# automatic k, by silhouette (auto="silhouette", and the fallback when no dense group is
+# found): the silhouette is compared for k = 2 .. min(MAX_AUTO_K, n - 1)
 MAX_AUTO_K = 10
 # silhouette scores are computed on at most this many examples (O(n^2) otherwise)
 SILHOUETTE_SAMPLE = 2000
@@ -49,8 +60,10 @@ class PseudoSources:
     """The clusters that stand in for sources.
 
     ``labels[i]`` is example i's cluster name (``cluster_0`` is the largest);
-    ``k`` the number of clusters; ``silhouettes`` the silhouette score per k
-    tried by the automatic choice (empty when k was given); ``typical`` the
+    ``k`` the number of clusters; ``method`` how they were found (``"kmeans"``
+    with k given, ``"density"`` or ``"silhouette"`` when k was chosen);
+    ``min_cluster_size`` the density clustering's (None otherwise); ``silhouettes``
+    the silhouette score per k tried by the silhouette choice (empty otherwise); ``typical`` the
     index of each cluster's example closest to its centroid, to show what a
     cluster holds; ``note`` says when the clustering was degenerate (e.g. all
     examples embed identically).
@@ -63,10 +76,14 @@ class PseudoSources:
     sizes: dict[str, int] = field(default_factory=dict)
     seed: int = 0
     note: str | None = None
+    method: str = "kmeans"
+    min_cluster_size: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "k": self.k,
+            "method": self.method,
+            "min_cluster_size": self.min_cluster_size,
             "seed": self.seed,
             "silhouettes": {str(k): v for k, v in self.silhouettes.items()},
             "sizes": self.sizes,
@@ -85,6 +102,8 @@ class PseudoSources:
             sizes={str(k): int(v) for k, v in d.get("sizes", {}).items()},
             seed=int(d.get("seed", 0)),
             note=d.get("note"),
+            method=str(d.get("method", "silhouette" if d.get("silhouettes") else "kmeans")),
+            min_cluster_size=d.get("min_cluster_size"),
         )
 
 
@@ -223,19 +242,34 @@ def cluster_embeddings(
     seed: int = 0,
     n_init: int = 10,
     max_k: int = MAX_AUTO_K,
+    auto: str = "density",
 ) -> PseudoSources:
-    """k-means clusters of ``embeddings`` ([n, d]) as pseudo-sources.
+    """Clusters of ``embeddings`` ([n, d]) as pseudo-sources.
 
-    With ``k=None`` the number of clusters is chosen by the silhouette score
-    over k = 2 .. min(max_k, n - 1): the silhouette compares each example's
-    distance to its own cluster with the distance to the nearest other one, so it
-    rewards clusters that are both tight and apart, needs no reference
-    distribution (unlike the gap statistic, which would multiply the k-means
-    runs by its reference draws) and costs one pairwise-distance pass per k
-    (on a sample of at most SILHOUETTE_SAMPLE examples). The range is small on
-    purpose: a source count beyond ~10 rarely helps selection and makes every
-    cluster small, i.e. kept whole. The silhouette cannot score k = 1; data with
-    no structure yields low scores for every k (see ``silhouettes``).
+    With ``k`` given: k-means (``n_init`` starts, ``random_state=seed``).
+
+    With ``k=None`` and ``auto="density"`` (the default) the number of clusters
+    comes from the data's density: HDBSCAN (scikit-learn) on the first PCA_DIMS
+    principal components, with ``min_cluster_size`` MIN_CLUSTER_SIZE (n // 8 on
+    fewer than 8 x MIN_CLUSTER_SIZE examples; doubled while more than
+    MAX_DENSITY_CLUSTERS clusters come out), fitted on at most DENSITY_SAMPLE
+    examples; every example it leaves as noise (and every example outside the
+    sample) joins the cluster with the nearest centroid. Why not k-means with a
+    chosen k: CoLM needs clusters that keep the small sources apart, so that they
+    are kept whole, and the big ones in one piece each. k-means (whose objective
+    is the squared distance to the centroids) prefers splitting a big, spread-out
+    source over isolating a small group, so a k that separates the small sources
+    also cuts the big ones into pieces, some below the mean size and kept whole.
+    A density clustering does not trade one for the other: any dense group of at
+    least ``min_cluster_size`` examples becomes a cluster, whatever its size.
+    Measured on 13 mixtures drawn from the built-in sources with SmolLM2's
+    embeddings (``benchmarks/bench_pseudo_k.py``, docs/pseudo_sources.md).
+
+    With ``auto="silhouette"`` (and as the fallback when HDBSCAN finds no dense
+    group at all) k-means runs for k = 2 .. min(max_k, n - 1) and the k with the
+    highest silhouette score is kept (on a sample of at most SILHOUETTE_SAMPLE
+    examples). The silhouette cannot score k = 1; data with no structure yields
+    low scores for every k (see ``silhouettes``).
 
     All examples embedding identically (duplicates only) give one cluster and a
     ``note``. Deterministic for a ``seed``.
@@ -264,6 +298,8 @@ def cluster_embeddings(
         )
         warnings.warn(note, stacklevel=2)
         return _result(np.zeros(n, dtype=int), x, {}, seed, note)
+    if auto not in ("density", "silhouette"):
+        raise ValueError(f"auto={auto!r} is invalid; expected 'density' or 'silhouette'")
     z = _normalise(x)
     silhouettes: dict[int, float] = {}
     if k is None:
@@ -273,6 +309,11 @@ def cluster_embeddings(
                 f"got {n}; set k (data.num_sources in a run config) to 1 or {n}",
                 field="num_sources",
             )
+        if auto == "density":
+            found = _density_clusters(z, seed)
+            if found is not None:
+                labels, size = found
+                return _result(labels, z, {}, seed, None, "density", size)
         best: tuple[float, int, np.ndarray] | None = None
         sample = min(n, SILHOUETTE_SAMPLE)
         for kk in range(2, min(max_k, n - 1, distinct) + 1):
@@ -285,6 +326,7 @@ def cluster_embeddings(
             labels = KMeans(n_clusters=distinct, n_init=n_init, random_state=seed).fit_predict(z)
         else:
             labels = best[2]
+        return _result(labels, z, silhouettes, seed, None, "silhouette")
     elif k == 1:
         labels = np.zeros(n, dtype=int)
     else:
@@ -292,8 +334,43 @@ def cluster_embeddings(
     return _result(labels, z, silhouettes, seed, None)
 
 
+def _density_clusters(z: np.ndarray, seed: int) -> tuple[np.ndarray, int] | None:
+    """(labels, min_cluster_size) of the density clustering described in
+    :func:`cluster_embeddings`, or None when it finds no cluster."""
+    from sklearn.cluster import HDBSCAN
+    from sklearn.decomposition import PCA
+    from sklearn.metrics import pairwise_distances_argmin
+
+    n, d = z.shape
+    dims = min(PCA_DIMS, d, n - 1)
+    y = PCA(n_components=dims, random_state=seed).fit_transform(z) if dims < d else z
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(n, DENSITY_SAMPLE, replace=False)) if n > DENSITY_SAMPLE else None
+    fit = y if sample is None else y[sample]
+    size = max(2, min(MIN_CLUSTER_SIZE, len(fit) // 8))
+    while True:
+        raw = HDBSCAN(min_cluster_size=size, copy=True).fit(fit).labels_
+        found = int(raw.max()) + 1
+        if found <= MAX_DENSITY_CLUSTERS or 2 * size > len(fit) // 2:
+            break
+        size *= 2
+    if found == 0:
+        return None
+    centres = np.stack([fit[raw == c].mean(axis=0) for c in range(found)])
+    labels = pairwise_distances_argmin(y, centres)  # noise and unsampled examples
+    kept = np.flatnonzero(raw >= 0)
+    labels[kept if sample is None else sample[kept]] = raw[kept]
+    return labels, size
+
+
 def _result(
-    raw: np.ndarray, z: np.ndarray, silhouettes: dict[int, float], seed: int, note: str | None
+    raw: np.ndarray,
+    z: np.ndarray,
+    silhouettes: dict[int, float],
+    seed: int,
+    note: str | None,
+    method: str = "kmeans",
+    min_cluster_size: int | None = None,
 ) -> PseudoSources:
     """Clusters renamed by size (cluster_0 largest; ties: earliest first example)."""
     ids = sorted(np.unique(raw), key=lambda c: (-int((raw == c).sum()), int(np.argmax(raw == c))))
@@ -315,6 +392,8 @@ def _result(
         sizes=sizes,
         seed=seed,
         note=note,
+        method=method,
+        min_cluster_size=min_cluster_size,
     )
 
 
@@ -328,15 +407,17 @@ def pseudo_sources(
     max_k: int = MAX_AUTO_K,
     progress: bool = True,
     embeddings: np.ndarray | None = None,
+    auto: str = "density",
 ) -> PseudoSources:
     """Pseudo-sources for tokenized ``examples`` (rows of ``tokenize_records``).
 
     Embeds every example with ``model`` (:func:`embed_examples`; pass
     ``embeddings`` to reuse a cached result) and clusters the embeddings
-    (:func:`cluster_embeddings`; ``k=None`` chooses k by silhouette). Bad input
+    (:func:`cluster_embeddings`). Bad input
     (no examples, an example without tokens, k larger than the data or than its
     distinct examples) raises :class:`DataError` / ``ValueError`` naming the
-    setting.
+    setting. ``k=None`` chooses the clusters by density (``auto="density"``) or by
+    silhouette (``auto="silhouette"``): see :func:`cluster_embeddings`.
     """
     rows = _token_rows(examples)
     if k is not None:
@@ -347,7 +428,7 @@ def pseudo_sources(
         raise DataError(
             f"{len(embeddings)} cached embeddings for {len(rows)} examples; delete the cache"
         )
-    return cluster_embeddings(embeddings, k=k, seed=seed, n_init=n_init, max_k=max_k)
+    return cluster_embeddings(embeddings, k=k, seed=seed, n_init=n_init, max_k=max_k, auto=auto)
 
 
 def with_pseudo_sources(

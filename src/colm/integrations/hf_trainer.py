@@ -113,7 +113,7 @@ class CoLMTrainerMixin:
             source labels: pseudo-sources (k-means clusters of the model's hidden
             states, :mod:`colm.data.pseudo_sources`) are computed on ``train_dataset``
             and stored in its ``source`` column (the result in ``colm_pseudo_sources``).
-        colm_num_sources: clusters with ``source_column=None`` (None: chosen by silhouette).
+        colm_num_sources: clusters with ``source_column=None`` (None: found by density clustering).
         colm_cluster_after: cluster the training set again after this many optimizer
             steps, with the model as trained so far, and select on those clusters from
             then on (the paper's order: warm up, then cluster;
