@@ -151,6 +151,7 @@ def test_bench_pseudo_k_counts_small_sources_kept_whole():
     """The k scan on separable blobs: at the true k every small-source example is in a
     cluster kept whole and no big-source example is; at k = 2 the small ones are merged
     into the big clusters and none is kept."""
+    import collections
     import importlib.util
 
     import numpy as np
@@ -161,13 +162,31 @@ def test_bench_pseudo_k_counts_small_sources_kept_whole():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     gen = np.random.default_rng(0)
-    sizes = {"big1": 120, "big2": 100, "small1": 12, "small2": 8}
+    sizes = {"big1": 120, "big2": 100, "small1": 20, "small2": 16}
     centers = {name: gen.normal(size=16) * 10 for name in sizes}
     truth = [name for name, n in sizes.items() for _ in range(n)]
     emb = np.stack([centers[t] + gen.normal(size=16) for t in truth]).astype(np.float32)
     assert mod.kept_whole(truth) == {"small1", "small2"}
     rows = {r["k"]: r for r in mod.scan(emb, truth, [2, 4])}
     assert rows[4]["ari"] > 0.99
-    assert (rows[4]["small_kept"], rows[4]["small_total"], rows[4]["big_kept"]) == (20, 20, 0)
+    assert (rows[4]["small_kept"], rows[4]["small_total"], rows[4]["big_kept"]) == (36, 36, 0)
     assert rows[2]["small_kept"] == 0
-    assert "| 4 | 1.00 | 20 / 20 | 0 |" in mod.table([rows[4]])
+    assert "| 4 | 1.00 | 36 / 36 | 0 |" in mod.table([rows[4]])
+    (auto,) = mod.scan(emb, truth, ["auto:density"])
+    assert auto["k"] == "auto:density (4)" and auto["big_kept"] == 0
+
+    # drawn mixtures: each holds some big and some small sources, subsampled
+    big = {"big1": 600, "big2": 500, "big3": 400}
+    small = {"small1": 40, "small2": 30}
+    names = [name for name, n in {**big, **small}.items() for _ in range(n)]
+    drawn = mod.mixtures(names, 3, seed=1)
+    assert [name for name, _ in drawn] == ["whole", "mixture 1", "mixture 2", "mixture 3"]
+    for _, idx in drawn[1:]:
+        counts = collections.Counter(names[i] for i in idx)
+        assert len(set(idx.tolist())) == len(idx) and sum(n >= 300 for n in counts.values()) >= 2
+        assert all(15 <= n < 50 for s, n in counts.items() if n < 300)
+    rows = mod.compare(emb, truth, 0, [4, "auto:density"])
+    assert [r["mixture"] for r in rows] == ["whole", "whole"]
+    text = mod.summary(rows)
+    assert "| 4 | 1 | 1.00 | 36 / 36 | 0 |" in text
+    assert "| auto:density (k = 4) | 1 | 1.00 | 36 / 36 | 0 |" in text

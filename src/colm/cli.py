@@ -218,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         "model's hidden states) of a random pool of it",
     )
     p.add_argument("--pool", type=int, default=256, help="examples clustered (--pseudo-sources)")
-    p.add_argument("--num-sources", type=int, default=None, help="k (default: found by density clustering)")
+    p.add_argument(
+        "--num-sources", type=int, default=None, help="k (default: found by density clustering)"
+    )
     p.set_defaults(func=_select)
 
     args = parser.parse_args(argv)
