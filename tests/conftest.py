@@ -396,3 +396,21 @@ def tiny_model_dir(tmp_path_factory, chat_tokenizer):
     tiny_lm_for(chat_tokenizer).save_pretrained(path)
     chat_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def embed_counts(monkeypatch) -> list[int]:
+    """The size of every embedding pass of colm.data.pseudo_sources (the real passes
+    still run), in order."""
+    import sys
+
+    module = sys.modules["colm.data.pseudo_sources"]
+    real = module.embed_examples
+    sizes: list[int] = []
+
+    def counted(model, examples, *a, **k):
+        sizes.append(len(examples))
+        return real(model, examples, *a, **k)
+
+    monkeypatch.setattr(module, "embed_examples", counted)
+    return sizes

@@ -210,15 +210,14 @@ def test_too_few_examples_for_automatic_k():
 SOURCES = {"basic_arithmetic": 30, "chain_sum": 30, "gcd": 30, "lcm": 30}
 
 
-def _unlabelled_run(tmp_path, model_dir) -> tuple[object, list[str]]:
-    """A config training on a small built-in mixture written without its source column;
-    returns the config path and the hidden true sources, in file order."""
+def unlabelled_file(tmp_path) -> tuple[object, list[str]]:
+    """A small built-in mixture (SOURCES) written as JSONL without its source column;
+    returns the file and the hidden true sources, in file order."""
     mix = build_default_mixture(
         MixtureSpec.from_dict(
             {"train": SOURCES, "test_per_source": 2, "ood": {"products": 2}, "seed": 0}
         )
     )
-    truth = [r["source"] for r in mix.train]
     data = tmp_path / "unlabelled.jsonl"
     data.write_text(
         "".join(
@@ -226,6 +225,13 @@ def _unlabelled_run(tmp_path, model_dir) -> tuple[object, list[str]]:
             for r in mix.train
         )
     )
+    return data, [r["source"] for r in mix.train]
+
+
+def _unlabelled_run(tmp_path, model_dir) -> tuple[object, list[str]]:
+    """A config training on unlabelled_file; returns the config path and the hidden true
+    sources, in file order."""
+    data, truth = unlabelled_file(tmp_path)
     cfg = {
         "output_dir": str(tmp_path / "run"),
         "model": {"name": str(model_dir), "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
@@ -298,23 +304,13 @@ def test_config_keys_are_checked(tmp_path, tiny_model_dir, capsys):
     assert "data.num_sources" in capsys.readouterr().err
 
 
-def test_runs_share_the_embeddings_cache(tmp_path, tiny_model_dir, monkeypatch, capsys):
+def test_runs_share_the_embeddings_cache(tmp_path, tiny_model_dir, embed_counts, capsys):
     """data.embeddings_cache: the second run on the same data and model embeds only the
     spot-check examples, and clusters the same; a cache that does not match the model
     is redone, with a notice; a file where the folder should be is a config error."""
-    import sys
-
     cfg, _ = _unlabelled_run(tmp_path, tiny_model_dir)
     cache = tmp_path / "embeddings"
-    module = sys.modules["colm.data.pseudo_sources"]
-    real = module.embed_examples
-    sizes: list[int] = []
-
-    def counted(model, examples, *a, **k):
-        sizes.append(len(examples))
-        return real(model, examples, *a, **k)
-
-    monkeypatch.setattr(module, "embed_examples", counted)
+    sizes = embed_counts
 
     def run(name: str) -> dict:
         args = ["train", str(cfg), f"output_dir={tmp_path / name}", "train.steps=1"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
@@ -13,12 +12,10 @@ from transformers import TrainerCallback
 
 from colm import SelectorConfig
 from colm.cli import main
-from colm.data import MixtureSpec, build_default_mixture
 from colm.data.pseudo_sources import PseudoSources
 from colm.integrations import recluster
 from tests.conftest import collate_rows, make_rows, make_tiny
-
-SOURCES = {"basic_arithmetic": 30, "chain_sum": 30, "gcd": 30, "lcm": 30}
+from tests.data.test_pseudo_sources import SOURCES, unlabelled_file
 
 
 def _trainer(tmp_path, data, steps=4, **kw):
@@ -119,18 +116,7 @@ def test_bad_settings_are_refused(tmp_path):
 
 
 def _config(tmp_path, model_dir, steps=4):
-    mix = build_default_mixture(
-        MixtureSpec.from_dict(
-            {"train": SOURCES, "test_per_source": 2, "ood": {"products": 2}, "seed": 0}
-        )
-    )
-    data = tmp_path / "unlabelled.jsonl"
-    data.write_text(
-        "".join(
-            json.dumps({"prompt": r["prompt"], "completion": r["completion"]}) + "\n"
-            for r in mix.train
-        )
-    )
+    data, _ = unlabelled_file(tmp_path)
     cfg = {
         "model": {"name": str(model_dir), "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
         "data": {"path": str(data), "max_length": 96, "num_sources": 3, "cluster_after": 2},
@@ -156,21 +142,13 @@ def _steps(run):
 
 
 def test_colm_train_clusters_again_and_resumes_identically(
-    tmp_path, tiny_model_dir, monkeypatch, capsys
+    tmp_path, tiny_model_dir, embed_counts, capsys
 ):
     """data.cluster_after=2: the data is embedded again with the model after step 2, the
     new clustering is written to pseudo_sources_warm.json and to every later checkpoint;
     a run stopped after step 3 and resumed restores it from the checkpoint (no model
     pass) and ends like the uninterrupted run: same selections, losses and adapter."""
-    module = sys.modules["colm.data.pseudo_sources"]
-    real = module.embed_examples
-    embedded: list[int] = []
-
-    def counted(model, examples, *a, **k):
-        embedded.append(len(examples))
-        return real(model, examples, *a, **k)
-
-    monkeypatch.setattr(module, "embed_examples", counted)
+    embedded = embed_counts
     cfg = _config(tmp_path, tiny_model_dir)
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(["train", str(cfg), f"output_dir={full}"]) == 0
