@@ -229,6 +229,7 @@ def _cli(
     deepspeed: Path | None = None,
     env_extra: dict | None = None,
     eval_cfg: dict | None = None,
+    data_extra: dict | None = None,
 ) -> Path:
     import yaml
 
@@ -244,6 +245,7 @@ def _cli(
                 "test_per_source": 2,
                 "ood": {"products": 2},
             },
+            **(data_extra or {}),
         },
         "train": {
             "steps": 3,

@@ -198,3 +198,23 @@ def test_colm_train_refuses_bad_cluster_after(tmp_path, tiny_model_dir, capsys, 
     cfg = _config(tmp_path, tiny_model_dir)
     assert main(["train", str(cfg), f"output_dir={tmp_path / 'x'}", override]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cluster_after_under_torchrun_matches_one_process(tmp_path, tiny_model_dir):
+    """2 processes cluster again after step 1 and agree (rank 0's labels are broadcast):
+    the same clusterings, selections per cluster, losses and adapter as 1 process."""
+    from tests.integrations.test_distributed import _cli, assert_same_cli_run
+
+    extra = {"sources": "auto", "num_sources": 3, "cluster_after": 1}
+    one = _cli(tmp_path, tiny_model_dir, "one", 1, data_extra=extra)
+    two = _cli(tmp_path, tiny_model_dir, "two", 2, data_extra=extra)
+    steps = assert_same_cli_run(one, two)
+    ref = [
+        x for x in map(json.loads, (one / "metrics.jsonl").read_text().splitlines()) if "loss" in x
+    ]
+    keys = {k for x in ref for k in x if k.startswith("colm/cluster_")}
+    assert keys and all(x.get(k, 0) == y.get(k, 0) for x, y in zip(ref, steps) for k in keys)
+    warm = [json.loads((run / "pseudo_sources_warm.json").read_text()) for run in (one, two)]
+    assert warm[0]["step"] == warm[1]["step"] == 1
+    assert warm[0]["labels"] == warm[1]["labels"]
