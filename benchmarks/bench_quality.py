@@ -432,6 +432,10 @@ def analyse(variants: dict[str, dict], base: dict, timing: dict | None = None) -
         v["time_per_step_s"] = clean.get(name, v["time_per_step_own_s"])
         v["steps"] = max((r["steps"] for r in runs), default=0)
     timed = [v for v in variants.values() if v["runs"] and v["time_per_step_s"]]
+    if any(v["time_source"] == "timing run" for v in timed):
+        # the equal-time point comes from the side-by-side timings only: a variant's own
+        # runs share the machine with other work, and a lucky median would move it
+        timed = [v for v in timed if v["time_source"] == "timing run"]
     budget = min((v["steps"] * v["time_per_step_s"] for v in timed), default=None)
     for v in variants.values():
         for r in v["runs"]:

@@ -147,6 +147,10 @@ def test_interpolation_and_equal_time_analysis(quality, monkeypatch):
     # the side-by-side timing, where there is one, sets the time axis
     an2 = quality.analyse(variants, base, {"time_per_step_s": {"slow": 1.0}})
     assert an2["time_budget_s"] == 4.0 and variants["slow"]["time_source"] == "timing run"
+    # ... and only it: a variant timed by its own runs alone (fast here) does not move the
+    # equal-time point, however fast those runs were
+    an3 = quality.analyse(variants, base, {"time_per_step_s": {"slow": 2.0}})
+    assert an3["time_budget_s"] == 8.0 and variants["fast"]["time_source"] == "own runs"
 
 
 # --------------------------------------------------------------------------- --quick runs
