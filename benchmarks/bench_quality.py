@@ -572,7 +572,12 @@ def markdown(payload: dict[str, Any], plots: list[str]) -> str:
         + (f", {payload['machine']['gpu']}" if payload["machine"].get("gpu") else "")
         + ".",
         "",
-        f"Equal time: after {budget:.0f} s of training (all steps of the fastest variant)."
+        f"Equal time: after {budget:.0f} s of training (all steps of the fastest variant"
+        + (
+            " timed side by side; variants not in that timing have no equal-time figure)."
+            if payload.get("timing")
+            else ")."
+        )
         if budget
         else "",
         "",
