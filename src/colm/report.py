@@ -204,7 +204,13 @@ def _clusters(run_name: str, ps: dict, when: str) -> list[str]:
     ari = ps.get("ari_vs_labels")
     return [
         f"`{run_name}`{when.format(step=ps.get('step'))}: k={ps['k']}"
-        + (f" (silhouette {tried})" if tried else " (data.num_sources)")
+        + (
+            f" (silhouette {tried})"
+            if tried
+            else f" (found by density, min_cluster_size {ps.get('min_cluster_size')})"
+            if ps.get("method") == "density"
+            else " (data.num_sources)"
+        )
         + (f"; adjusted Rand index against the data's labels {ari:.3f}" if ari else "")
         + (f"; {ps['note']}" if ps.get("note") else ""),
         "",

@@ -277,6 +277,7 @@ def test_colm_train_without_source_column_recovers_the_sources(
 
     text = make_report([run], tmp_path / "report").read_text()
     assert "## Pseudo-sources" in text and f"k={saved['k']}" in text
+    assert saved["method"] == "density" and "found by density, min_cluster_size" in text
     assert saved["first_words"]["cluster_0"] in text  # what each cluster is
 
     import sys
