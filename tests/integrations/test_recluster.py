@@ -84,6 +84,7 @@ def test_sources_switch_after_the_warm_up(tmp_path, monkeypatch):
         return {k.split("/")[1] for k in entry if k.endswith("/in_batch")}
 
     by_step = {e["step"]: e["logs"] for e in logs if "loss" in e["logs"]}
+    assert sources(by_step[1]) and sources(by_step[2])
     assert sources(by_step[1]) | sources(by_step[2]) <= {"a", "b", "c"}
     assert sources(by_step[3]) | sources(by_step[4]) == {"cluster_0", "cluster_1"}
 
