@@ -22,7 +22,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from colm.data import CoLMCollator, score, tokenize_records
+from colm.files import atomic_write
 from colm.models import eval_mode
 
 __all__ = [
@@ -486,17 +486,9 @@ def evaluate(
 def write_eval(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write `result` as JSON; a temporary file renamed into place, so readers never see half."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2, sort_keys=False, allow_nan=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        json.dump(result, f, indent=2, sort_keys=False, allow_nan=True)
+        f.write("\n")
     return path
 
 

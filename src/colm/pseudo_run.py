@@ -12,7 +12,6 @@ Trainer clusters again after ``data.cluster_after`` steps
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from transformers import TrainerCallback
 
 from .config import RunConfig
 from .console import log as _log
+from .files import atomic_write, write_text_atomic
 
 PSEUDO_SOURCES_FILE = "pseudo_sources.json"
 PSEUDO_EMBEDDINGS_FILE = "pseudo_sources_embeddings.npy"
@@ -108,13 +108,9 @@ def assign_pseudo_sources(
         if write:
             np.save(cache, embeddings)
             if shared is not None:  # computed or taken from the run directory here
-                shared.parent.mkdir(parents=True, exist_ok=True)
-                tmp_npy = shared.with_name(shared.stem + f".{os.getpid()}.tmp.npy")
-                np.save(tmp_npy, embeddings)
-                tmp_npy.replace(shared)  # atomic: runs sharing the folder never see half a file
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(record, indent=1))
-            tmp.replace(path)
+                with atomic_write(shared, "wb") as f:  # runs sharing the folder: never half
+                    np.save(f, embeddings)
+            write_text_atomic(path, json.dumps(record, indent=1))
     labels = PseudoSources.from_dict(record).labels
     if len(labels) != len(examples):
         raise ValueError(f"{path} assigns {len(labels)} examples, the data has {len(examples)}")
@@ -203,9 +199,7 @@ class WarmClustersWriter(TrainerCallback):
             "step": step,
             **describe(result, self.tokenizer, self.trainer.train_dataset, self.truth),
         }
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        tmp.replace(self.path)
+        write_text_atomic(self.path, json.dumps(record, indent=1))
         self.written = step
         sizes = ", ".join(f"{n} {c}" for c, n in record["sizes"].items())
         _log(

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .files import write_text_atomic
 from .plots import plot_accuracy, plot_before_after, plot_heldout, plot_loss, plot_share
 from .runs import (
     FINAL_FRACTION,
@@ -331,7 +332,4 @@ def make_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLik
         "selected_share.png", "selected share per source", "No run logged selection statistics."
     )
     report = out / "report.md"
-    tmp = report.with_name(f".report.md.{os.getpid()}.tmp")
-    tmp.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
-    os.replace(tmp, report)
-    return report
+    return write_text_atomic(report, "\n".join(lines).rstrip() + "\n")

@@ -38,6 +38,7 @@ from .console import install as install_console
 from .console import is_main_process as _is_main_process
 from .console import log as _log
 from .console import summary_table
+from .files import write_text_atomic
 from .pseudo_run import WarmClustersWriter, assign_pseudo_sources
 
 
@@ -494,9 +495,7 @@ def _keep_metrics_until(path: Path, step: int) -> float:
         if rec.get("step", 0) <= step:
             kept.append(line)
             wall = max(wall, float(rec.get("wall_time", 0.0)))
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(x + "\n" for x in kept))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(x + "\n" for x in kept))
     return wall
 
 
