@@ -60,21 +60,24 @@ def scan(
     embeddings: np.ndarray, truth: Sequence[str], ks: Sequence[int | str], seed: int = 0
 ) -> list[dict]:
     """One row per k (an int, or "auto:density" / "auto:silhouette" for colm's automatic
-    choices): ARI, and the small-source / big-source examples kept whole."""
+    choices): ARI, and the small-source / big-source examples kept whole. ``clustering``
+    is the k asked for and ``k_found`` the k used; ``k`` labels the row ("auto:density
+    (4)" for an automatic choice)."""
     small = kept_whole(truth)
     rows = []
     for k in ks:
-        if isinstance(k, str):
-            res = cluster_embeddings(embeddings, k=None, seed=seed, auto=k.split(":")[1])
-            k = f"{k} ({res.k})"
-        else:
-            res = cluster_embeddings(embeddings, k=k, seed=seed)
+        auto = k.split(":")[1] if isinstance(k, str) else None
+        res = cluster_embeddings(
+            embeddings, k=None if auto else k, seed=seed, auto=auto or "density"
+        )
         labels = res.labels
         kept = kept_whole(labels)
         whole = [lab in kept for lab in labels]
         rows.append(
             {
-                "k": k,
+                "k": f"{k} ({res.k})" if auto else k,
+                "clustering": k,
+                "k_found": res.k,
                 "ari": adjusted_rand_index(list(truth), labels),
                 "small_kept": sum(w for t, w in zip(truth, whole) if t in small),
                 "small_total": sum(t in small for t in truth),
@@ -127,11 +130,10 @@ def summary(rows: list[dict]) -> str:
         "| big-source examples kept whole |",
         "|---|---:|---:|---:|---:|",
     ]
-    methods = list(dict.fromkeys(str(r["k"]).split(" (")[0] for r in rows))
-    for m in methods:
-        mine = [r for r in rows if str(r["k"]).split(" (")[0] == m]
-        ks = sorted({str(r["k"]).split(" (")[1].rstrip(")") for r in mine if "(" in str(r["k"])})
-        label = m + (f" (k = {', '.join(ks)})" if ks else "")
+    for m in dict.fromkeys(r["clustering"] for r in rows):
+        mine = [r for r in rows if r["clustering"] == m]
+        found = sorted({r["k_found"] for r in mine})
+        label = f"{m} (k = {', '.join(map(str, found))})" if m in AUTO else str(m)
         lines.append(
             f"| {label} | {len(mine)} | {np.mean([r['ari'] for r in mine]):.2f} "
             f"| {sum(r['small_kept'] for r in mine)} / {sum(r['small_total'] for r in mine)} "

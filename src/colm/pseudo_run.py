@@ -53,9 +53,9 @@ def assign_pseudo_sources(
     pass). Otherwise the embeddings are reused from RUN/pseudo_sources_embeddings.npy
     when they were made from the same model and tokens, else computed; then they
     are clustered (data.num_sources, train.seed). The assignment is written with k,
-    how k was found (the silhouette per k, where tried), each cluster's size and typical example (index and
-    first words) and, when the data had source labels (the built-in mixture), the
-    adjusted Rand index against them. Returns that record.
+    how k was found (the silhouette per k, where tried), each cluster's size and
+    typical example (index and first words) and, when the data had source labels (the
+    built-in mixture), the adjusted Rand index against them. Returns that record.
     """
     from .data.pseudo_sources import (
         PseudoSources,
